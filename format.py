@@ -1,0 +1,101 @@
+"""Convert a RAFT dataset between formats: a library for raft.py and a command line for users.
+
+  python format.py --input output --input-type arrow --output output/raft_chat.jsonl \
+      --output-format chat --output-type jsonl --output-chat-system-prompt "You are a helpful assistant."
+
+Formats:
+  hf          the RAFT record as it is (design.md section 2)
+  completion  {"prompt": instruction, "completion": cot_answer}
+  chat        {"messages": [system?, user: instruction, assistant: cot_answer]}
+completion and chat put the instruction (documents + question) in the prompt: the model has to see the
+documents it is meant to reason over (the reference formatters used the bare question).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import datasets
+
+FORMATS = ("hf", "completion", "chat")
+TYPES = ("jsonl", "parquet")
+REQUIRED_FIELDS = ("instruction", "cot_answer")
+
+
+def to_format(record: dict, output_format: str, system_prompt: str = "") -> dict:
+    if output_format == "hf":
+        return record
+    if output_format == "completion":
+        return {"prompt": record["instruction"], "completion": record["cot_answer"]}
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages += [{"role": "user", "content": record["instruction"]},
+                 {"role": "assistant", "content": record["cot_answer"]}]
+    return {"messages": messages}
+
+
+def output_file(path: str, output_type: str) -> Path:
+    """--output may be given with or without its extension."""
+    path = Path(path)
+    return path if path.suffix == f".{output_type}" else path.with_name(path.name + f".{output_type}")
+
+
+def write(records: list[dict], path: str, output_format: str = "hf", output_type: str = "jsonl",
+          system_prompt: str = "") -> Path:
+    """Write converted records; JSONL is written line by line so the same records give the same bytes."""
+    target = output_file(path, output_type)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    rows = [to_format(r, output_format, system_prompt) for r in records]
+    if output_type == "jsonl":
+        with open(target, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    else:
+        datasets.Dataset.from_list(rows).to_parquet(str(target))
+    return target
+
+
+def read(path: str, input_type: str) -> list[dict]:
+    """Records from a save_to_disk folder (arrow) or a JSONL file; a clear ValueError on bad input."""
+    if not Path(path).exists():
+        raise ValueError(f"input {path} does not exist")
+    if input_type == "arrow":
+        try:
+            records = datasets.load_from_disk(path).to_list()
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"input {path} is not a dataset folder written by save_to_disk ({e})") from None
+    else:
+        records = []
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        raise ValueError(f"{path}, line {number}: not valid JSON") from None
+    if not records:
+        raise ValueError(f"input {path} holds no records")
+    for number, record in enumerate(records, 1):
+        missing = [k for k in REQUIRED_FIELDS if k not in record]
+        if missing:
+            raise ValueError(f"{path}, record {number}: missing field(s) {', '.join(missing)}: not a RAFT dataset")
+    return records
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Convert a RAFT dataset to another format.")
+    parser.add_argument("--input", required=True, help="dataset folder (arrow) or JSONL file")
+    parser.add_argument("--input-type", choices=("arrow", "jsonl"), default="arrow")
+    parser.add_argument("--output", required=True, help="output file; the extension is added if missing")
+    parser.add_argument("--output-format", choices=FORMATS, default="hf")
+    parser.add_argument("--output-type", choices=TYPES, default="jsonl")
+    parser.add_argument("--output-chat-system-prompt", default="", help="system message of the chat format")
+    args = parser.parse_args(argv)
+    try:
+        records = read(args.input, args.input_type)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    target = write(records, args.output, args.output_format, args.output_type, args.output_chat_system_prompt)
+    print(f"wrote {len(records)} records to {target} ({args.output_format}, {args.output_type})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""The OpenAI-compatible chat client shared by raft.py, raft_eval.py and chat.py.
+
+What it adds to a plain HTTP call, and why:
+- a bound on requests in flight, spread round-robin over one or more server replicas (-u given several times);
+- retries with exponential backoff and jitter on 429, 5xx, timeouts, connection errors and garbled bodies,
+  waiting as long as a Retry-After header asks;
+- fail-fast errors for what a retry cannot fix (a rejected API key, an unknown model, an unreachable server);
+- optional requests-per-minute and tokens-per-minute limits, for cloud plans;
+- an append-only on-disk cache keyed by a hash of (model, messages, parameters): a re-run, or a run resumed
+  after Ctrl-C or kill -9, sends only the requests that never completed.
+"""
+import asyncio
+import collections
+import email.utils
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+from urllib.parse import urlsplit
+
+import httpx
+from tqdm import tqdm
+
+
+class LLMFatalError(Exception):
+    """A problem no retry can fix: the message says what the user has to change."""
+
+
+@dataclass
+class ChatResult:
+    text: Optional[str]            # None when the request failed for good
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached: bool = False
+    error: Optional[str] = None    # why it failed, when text is None
+
+
+@dataclass
+class UsageTotals:
+    sent: int = 0                  # requests answered by a server in this run
+    cached: int = 0                # requests answered from the cache
+    failed: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def public_host(url: str) -> str:
+    """scheme://host:port of a URL, without credentials, path or query: safe to log and to store."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}"
+
+
+def cache_key(model: str, messages: Sequence[dict], params: dict) -> str:
+    blob = json.dumps({"model": model, "messages": list(messages), "params": params},
+                      sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class ResponseCache:
+    """One JSON line per finished request. Each record is written with a single append, so a killed run
+    leaves at worst one torn last line, which is skipped on the next load."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.entries: dict[str, dict] = {}
+        self.torn_lines = 0
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                        self.entries[record["key"]] = record
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        self.torn_lines += 1
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # A torn last line has no newline: start the next record on a line of its own.
+        if os.path.getsize(path) and not self._ends_with_newline():
+            os.write(self._fd, b"\n")
+
+    def _ends_with_newline(self) -> bool:
+        with open(self.path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+
+    def get(self, key: str) -> Optional[dict]:
+        return self.entries.get(key)
+
+    def put(self, key: str, text: str, prompt_tokens: int, completion_tokens: int):
+        record = {"key": key, "text": text, "prompt_tokens": prompt_tokens,
+                  "completion_tokens": completion_tokens}
+        os.write(self._fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        self.entries[key] = record
+
+    def close(self):
+        os.close(self._fd)
+
+
+class RateLimiter:
+    """Sliding one-minute windows over request starts (rpm) and tokens (tpm); 0 disables a limit.
+    Tokens are reserved with an estimate when a request starts and corrected with the real usage."""
+
+    def __init__(self, rpm: int, tpm: int, window: collections.deque):
+        self.rpm, self.tpm = rpm, tpm
+        self.window = window        # [start_time, tokens] entries; outlives one event loop, the lock does not
+        self.lock = asyncio.Lock()
+
+    async def acquire(self, estimated_tokens: int) -> Optional[list]:
+        if not (self.rpm or self.tpm):
+            return None
+        async with self.lock:
+            while True:
+                now = time.monotonic()
+                while self.window and now - self.window[0][0] >= 60:
+                    self.window.popleft()
+                used = sum(entry[1] for entry in self.window)
+                over_rpm = self.rpm and len(self.window) >= self.rpm
+                over_tpm = self.tpm and self.window and used + estimated_tokens > self.tpm
+                if not (over_rpm or over_tpm):
+                    entry = [now, estimated_tokens]
+                    self.window.append(entry)
+                    return entry
+                await asyncio.sleep(60 - (now - self.window[0][0]) + 0.01)
+
+    @staticmethod
+    def settle(entry: Optional[list], real_tokens: int):
+        if entry is not None:
+            entry[1] = real_tokens
+
+
+def retry_after_seconds(headers) -> Optional[float]:
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value)   # the HTTP-date form
+        return max(0.0, when.timestamp() - time.time()) if when else None
+
+
+class _Failed(Exception):
+    """This one request cannot be answered (after retries, or at once for a 4xx): it is counted, not fatal."""
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Retry(_Failed):
+    """A failure worth retrying, after `wait` seconds if the server said how long."""
+    def __init__(self, reason: str, wait: Optional[float] = None):
+        super().__init__(reason)
+        self.wait = wait
+
+
+@dataclass
+class ChatClient:
+    urls: Sequence[str]
+    api_key: str = "EMPTY"
+    model: str = ""
+    max_in_flight: int = 32
+    timeout: float = 600.0
+    max_retries: int = 6
+    rpm: int = 0
+    tpm: int = 0
+    cache_path: Optional[str] = None
+    backoff_base: float = 1.0       # first retry waits about this long, then doubling ...
+    backoff_max: float = 60.0       # ... up to this
+    usage: UsageTotals = field(default_factory=UsageTotals)
+
+    def __post_init__(self):
+        if not self.urls:
+            raise LLMFatalError("no endpoint given: pass the server's base URL with -u, e.g. http://localhost:8001/v1")
+        self.urls = [u.rstrip("/") for u in self.urls]
+        self.cache = ResponseCache(self.cache_path) if self.cache_path else None
+        self._next_url = 0
+        self._rate_window: collections.deque = collections.deque()
+
+    # ---- public, synchronous entry points -------------------------------------------------------
+    def preflight(self) -> str:
+        """Check every endpoint and the model before any work; returns the model name to use."""
+        return asyncio.run(self._with_http(self._preflight))
+
+    def complete_all(self, requests: Sequence[tuple[list, dict]], desc: str) -> list[ChatResult]:
+        """Answer (messages, params) requests concurrently; results come back in request order."""
+        return asyncio.run(self._with_http(lambda http: self._complete_all(http, requests, desc)))
+
+    def close(self):
+        if self.cache:
+            self.cache.close()
+
+    # ---- internals ------------------------------------------------------------------------------
+    async def _with_http(self, work):
+        limits = httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight)
+        headers = {"Authorization": f"Bearer {self.api_key}"}
+        async with httpx.AsyncClient(limits=limits, headers=headers, timeout=self.timeout) as http:
+            return await work(http)
+
+    def _pick_url(self) -> str:
+        url = self.urls[self._next_url % len(self.urls)]
+        self._next_url += 1
+        return url
+
+    async def _preflight(self, http) -> str:
+        for url in self.urls:
+            try:
+                served = await self._send_with_retries(http, "GET", url, "/models", None, self._parse_models,
+                                                       retries=min(2, self.max_retries))
+            except _Failed as failure:
+                raise LLMFatalError(f"{public_host(url)} did not list its models ({failure.reason}): "
+                                    "is -u the base URL of an OpenAI-compatible server?") from None
+            if self.model and served and self.model not in served:
+                raise LLMFatalError(f"model '{self.model}' is not served at {public_host(url)}; it serves: "
+                                    f"{', '.join(served)}. Pass one of them with -m")
+            if not self.model:
+                if len(served) != 1:
+                    raise LLMFatalError(f"{public_host(url)} serves {len(served)} models "
+                                        f"({', '.join(served) or 'none listed'}): choose one with -m")
+                self.model = served[0]
+        return self.model
+
+    @staticmethod
+    def _parse_models(body: dict) -> list[str]:
+        return [m["id"] for m in body["data"]]
+
+    @staticmethod
+    def _parse_chat(body: dict) -> tuple[str, int, int]:
+        text = body["choices"][0]["message"]["content"]
+        if not isinstance(text, (str, type(None))):
+            raise TypeError("content is not text")
+        usage = body.get("usage") or {}
+        return text or "", int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+    async def _complete_all(self, http, requests, desc) -> list[ChatResult]:
+        gate = asyncio.Semaphore(self.max_in_flight)
+        limiter = RateLimiter(self.rpm, self.tpm, self._rate_window)
+        bar = tqdm(total=len(requests), desc=desc, unit="req", dynamic_ncols=True)
+
+        async def one(messages, params) -> ChatResult:
+            result = await self._complete_one(http, gate, limiter, messages, params)
+            bar.update(1)
+            bar.set_postfix(tokens=self.usage.prompt_tokens + self.usage.completion_tokens, refresh=False)
+            return result
+
+        tasks = [asyncio.ensure_future(one(m, p)) for m, p in requests]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+            bar.close()
+
+    async def _complete_one(self, http, gate, limiter, messages, params) -> ChatResult:
+        key = cache_key(self.model, messages, params)
+        hit = self.cache.get(key) if self.cache else None
+        if hit:
+            self.usage.cached += 1
+            return ChatResult(hit["text"], hit["prompt_tokens"], hit["completion_tokens"], cached=True)
+        body = {"model": self.model, "messages": list(messages), **params}
+        estimate = len(json.dumps(messages)) // 4 + int(params.get("max_tokens", 0))
+        async with gate:
+            entry = await limiter.acquire(estimate)
+            try:
+                text, prompt_tokens, completion_tokens = await self._send_with_retries(
+                    http, "POST", None, "/chat/completions", body, self._parse_chat)
+            except _Failed as failure:
+                self.usage.failed += 1
+                return ChatResult(None, error=failure.reason)
+        RateLimiter.settle(entry, prompt_tokens + completion_tokens)
+        self.usage.sent += 1
+        self.usage.prompt_tokens += prompt_tokens
+        self.usage.completion_tokens += completion_tokens
+        if self.cache:
+            self.cache.put(key, text, prompt_tokens, completion_tokens)
+        return ChatResult(text, prompt_tokens, completion_tokens)
+
+    async def _send_with_retries(self, http, method, url, path, body, parse, retries=None):
+        """One request with retries. Raises LLMFatalError for what retrying cannot fix, and _Failed when this
+        request alone fails: at once for a 4xx, or once the retries are spent."""
+        retries = self.max_retries if retries is None else retries
+        for attempt in range(retries + 1):
+            target = url or self._pick_url()
+            try:
+                return await self._send_once(http, method, target, path, body, parse)
+            except _Retry as failure:
+                if attempt == retries:
+                    if failure.reason.startswith("connection error"):
+                        raise LLMFatalError(f"cannot reach {public_host(target)} ({failure.reason}) after "
+                                            f"{attempt + 1} tries: start the server or fix -u") from None
+                    raise
+                self.usage.retries += 1
+                backoff = min(self.backoff_max, self.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.0)
+                await asyncio.sleep(failure.wait if failure.wait is not None else backoff)
+
+    async def _send_once(self, http, method, url, path, body, parse):
+        try:
+            response = await http.request(method, url + path, json=body)
+        except httpx.TimeoutException:
+            raise _Retry(f"timed out after {self.timeout:g} s") from None
+        except httpx.TransportError as e:
+            raise _Retry(f"connection error: {type(e).__name__}") from None
+        status = response.status_code
+        if status in (401, 403):
+            raise LLMFatalError(f"{public_host(url)} rejected the API key (HTTP {status}): "
+                                "pass a valid key with -k or the API_KEY environment variable")
+        if status == 404 and body and "model" in response.text.lower():
+            raise LLMFatalError(f"{public_host(url)} does not know model '{self.model}' (HTTP 404): "
+                                "check -m against the server's /v1/models list")
+        if status == 404:
+            raise LLMFatalError(f"{public_host(url)}{urlsplit(url).path}{path} answered HTTP 404: "
+                                "-u must be the API base URL, usually ending in /v1")
+        if status == 429 or status >= 500:
+            raise _Retry(f"HTTP {status}", retry_after_seconds(response.headers))
+        if status >= 400:
+            # 400 and friends: this request is wrong (e.g. longer than the context); retrying won't help.
+            raise _Failed(f"HTTP {status}: {response.text[:200].strip()}")
+        try:
+            return parse(response.json())
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise _Retry("malformed response body") from None

@@ -1,0 +1,266 @@
+"""Documents -> chunks -> parsed teacher output -> RAFT records.
+
+Shared by raft.py (generation), raft_eval.py and chat.py (the retriever must see the same chunks).
+Data flows one way through the four sections below: load, chunk, parse, assemble.
+"""
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+from urllib.parse import urlsplit
+
+import httpx
+from bs4 import BeautifulSoup
+from langchain_core.document_loaders import BaseLoader
+from langchain_core.documents import Document
+from langchain_community.document_loaders import PyPDFLoader, TextLoader
+from langchain_text_splitters import RecursiveCharacterTextSplitter
+
+
+class InputError(Exception):
+    """The documents cannot be used as given: the message names the file, folder or URL and what to do."""
+
+# ============================================================================ load
+
+
+def html_to_text(html: str) -> str:
+    """Visible text of a page without its navigation: nav, header and link lists (div[role=list]) go,
+    as do scripts and styles; blank lines are dropped."""
+    soup = BeautifulSoup(html, "lxml")
+    for element in soup.select("nav, header, div[role=list], script, style, noscript"):
+        element.decompose()
+    lines = (line.strip() for line in soup.get_text("\n").splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+class CleanHTMLLoader(BaseLoader):
+    """A local HTML file, cleaned exactly like a page fetched from a sitemap."""
+
+    def __init__(self, file_path: str):
+        self.file_path = file_path
+
+    def lazy_load(self) -> Iterator[Document]:
+        text = html_to_text(Path(self.file_path).read_text(encoding="utf-8"))
+        yield Document(page_content=text, metadata={"source": str(self.file_path)})
+
+
+def _utf8_text_loader(path: str) -> BaseLoader:
+    return TextLoader(path, encoding="utf-8")
+
+
+def _single_document_pdf_loader(path: str) -> BaseLoader:
+    # One document per file, pages joined by a blank line, so that chunks may span a page break.
+    return PyPDFLoader(path, mode="single", pages_delimiter="\n\n")
+
+
+LOADERS = {".txt": _utf8_text_loader, ".md": _utf8_text_loader, ".pdf": _single_document_pdf_loader,
+           ".html": CleanHTMLLoader, ".htm": CleanHTMLLoader}
+
+
+@dataclass
+class LoadReport:
+    documents: list[Document] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (file or URL, why)
+
+
+def load_folder(folder: str, report: LoadReport):
+    """Every supported file under `folder`, recursively, in sorted order (so runs are reproducible)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError(f"data folder {folder} does not exist: fix data_dir in the config or --data_dir")
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in LOADERS):
+        try:
+            docs = LOADERS[path.suffix.lower()](str(path)).load()
+        except Exception as e:   # a corrupt PDF or a bad encoding must not end the run: name it and go on
+            report.skipped.append((str(path), f"unreadable: {type(e).__name__}: {str(e)[:120]}"))
+            continue
+        _keep_if_text(docs, str(path), report)
+
+
+def sitemap_urls(xml_path: str) -> list[str]:
+    try:
+        soup = BeautifulSoup(Path(xml_path).read_bytes(), "xml")
+    except OSError:
+        raise InputError(f"sitemap {xml_path} cannot be read: fix xml_path in the config or --xml_path") from None
+    urls = [loc.get_text(strip=True) for loc in soup.find_all("loc")]
+    if not urls:
+        raise InputError(f"sitemap {xml_path} has no <loc> entries: it must be a sitemap XML file")
+    return urls
+
+
+def load_sitemap(xml_path: str, verify_ssl: bool, report: LoadReport, timeout: float = 30.0):
+    for url in sitemap_urls(xml_path):
+        if urlsplit(url).scheme not in ("http", "https"):
+            report.skipped.append((url, "not an http(s) URL"))
+            continue
+        try:
+            response = httpx.get(url, verify=verify_ssl, timeout=timeout, follow_redirects=True)
+        except httpx.HTTPError as e:
+            report.skipped.append((url, f"unreachable: {type(e).__name__}"))
+            continue
+        if response.status_code >= 400:
+            report.skipped.append((url, f"HTTP {response.status_code}"))
+            continue
+        _keep_if_text([Document(page_content=html_to_text(response.text), metadata={"source": url})], url, report)
+
+
+def _keep_if_text(docs: list[Document], source: str, report: LoadReport):
+    docs = [d for d in docs if d.page_content.strip()]
+    if not docs:
+        report.skipped.append((source, "no text"))
+    for d in docs:
+        d.metadata["source"] = source
+    report.documents.extend(docs)
+
+
+def load_documents(data_dir: str, xml_path: str, verify_ssl: bool = True) -> LoadReport:
+    """Both sources when both are given. A file or page that fails is skipped and named in the report."""
+    report = LoadReport()
+    if not data_dir and not xml_path:
+        raise InputError("no source given: set data_dir and/or xml_path in the config (or --data_dir / --xml_path)")
+    if data_dir:
+        load_folder(data_dir, report)
+    if xml_path:
+        load_sitemap(xml_path, verify_ssl, report)
+    return report
+
+# ============================================================================ chunk
+
+
+MIN_CHUNK_CHARS = 100   # shorter chunks (menus, headings, page numbers) carry no answerable fact
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str
+    source: str
+
+
+def split_documents(documents: list[Document], chunk_size: int) -> tuple[list[Chunk], dict]:
+    """Split with the recipe's splitter; drop exact duplicates and chunks of MIN_CHUNK_CHARS or fewer.
+    Returns the chunks in document order and how many were dropped, by reason."""
+    splitter = RecursiveCharacterTextSplitter(chunk_size=chunk_size, chunk_overlap=chunk_size // 10,
+                                              separators=["----------", "\n\n", "\n", " "])
+    chunks, seen, dropped = [], set(), {"too short": 0, "duplicate": 0}
+    for piece in splitter.split_documents(documents):
+        text = piece.page_content.strip()
+        if len(text) <= MIN_CHUNK_CHARS:
+            dropped["too short"] += 1
+        elif text in seen:
+            dropped["duplicate"] += 1
+        else:
+            seen.add(text)
+            chunks.append(Chunk(text, piece.metadata.get("source", "")))
+    return chunks, dropped
+
+# ============================================================================ parse
+
+
+_LIST_MARKER = re.compile(r"^\s*(?:[-*•]+|\(?\d{1,3}[.)\]:]|q\d{1,3}[.):]|question\s*\d{0,3}\s*[.):])\s*", re.I)
+_QUOTES = "\"'“”‘’`"
+
+
+def normalise(text: str) -> str:
+    """Lower case, single spaces: the form used to compare questions and quotes."""
+    return " ".join(text.lower().split())
+
+
+def parse_questions(reply: str) -> list[str]:
+    """Questions from a teacher reply, loosely: numbering, bullets and quotes stripped, headers such as
+    'Here are 4 questions:' dropped; when any line ends in '?', only such lines count."""
+    candidates = []
+    for line in reply.splitlines():
+        line = _LIST_MARKER.sub("", line.strip()).strip().strip(_QUOTES).strip()
+        line = line.replace("**", "").strip()
+        if len(line) >= 8 and not line.endswith(":"):
+            candidates.append(line)
+    if any(c.endswith("?") for c in candidates):
+        candidates = [c for c in candidates if c.endswith("?")]
+    return candidates
+
+
+_ANSWER_MARK = re.compile(r"<ANSWER>\s*:(.*)", re.S)
+
+
+def final_answer(cot_answer: str) -> Optional[str]:
+    """The text after '<ANSWER>:', or None when the marker or the text after it is missing."""
+    match = _ANSWER_MARK.search(cot_answer or "")
+    return match.group(1).strip() if match and match.group(1).strip() else None
+
+
+_QUOTE_SPAN = re.compile(r"##begin_quote##(.*?)##end_quote##", re.S)
+
+
+def quotes_verified(cot_answer: str, oracle: str) -> bool:
+    """True when the answer quotes the oracle at least once and every quote is found in it
+    (whitespace- and case-insensitive). An unclosed ##begin_quote## counts as unverified."""
+    spans = _QUOTE_SPAN.findall(cot_answer)
+    if not spans or cot_answer.count("##begin_quote##") != len(spans):
+        return False
+    haystack = normalise(oracle)
+    return all(normalise(s).strip(_QUOTES + " .…") in haystack for s in spans)
+
+# ============================================================================ assemble
+
+
+@dataclass(frozen=True)
+class QA:
+    chunk_index: int
+    question: str
+    cot_answer: str
+    quotes_verified: bool
+
+
+@dataclass(frozen=True)
+class AssemblySettings:
+    num_distract_docs: int
+    oracle_probability: float
+    refusal_probability: float
+    refusal_answer: str
+
+
+def chunks_needed(s: AssemblySettings) -> int:
+    """The oracle, its distractors, and one more when an oracle may be replaced or a refusal example
+    (distractors only) may be drawn."""
+    spare = 1 if s.oracle_probability < 1 or s.refusal_probability > 0 else 0
+    return 1 + s.num_distract_docs + spare
+
+
+def _record(row: int, prefix: str, question: str, docs: list[str], oracle: Chunk, answer: str,
+            oracle_present: bool, verified: Optional[bool]) -> dict:
+    return {
+        "id": f"{prefix}_{row}",
+        "type": "general",
+        "question": question,
+        "context": {"title": [["placeholder_title"] * len(docs)], "sentences": [docs]},
+        "oracle_context": oracle.text,
+        "cot_answer": answer,
+        "instruction": "".join(f"<DOCUMENT>{d}</DOCUMENT>\n" for d in docs) + question,
+        "source": oracle.source,
+        "oracle_present": oracle_present,
+        "quotes_verified": verified,
+    }
+
+
+def assemble(qas: list[QA], chunks: list[Chunk], s: AssemblySettings, seed: int) -> list[dict]:
+    """RAFT records in the order of `qas`; every random draw comes from one seeded generator."""
+    rng = random.Random(seed)
+    records = []
+    for qa in qas:
+        oracle = chunks[qa.chunk_index]
+        others = [i for i in range(len(chunks)) if i != qa.chunk_index]
+        # One extra distinct distractor stands by to take the oracle's place.
+        drawn = rng.sample(others, s.num_distract_docs + (1 if len(others) > s.num_distract_docs else 0))
+        docs = [oracle.text] + [chunks[i].text for i in drawn[:s.num_distract_docs]]
+        rng.shuffle(docs)
+        oracle_present = rng.random() < s.oracle_probability
+        if not oracle_present:
+            docs[docs.index(oracle.text)] = chunks[drawn[-1]].text
+        records.append(_record(len(records), "seed_task", qa.question, docs, oracle, qa.cot_answer,
+                               oracle_present, qa.quotes_verified))
+        if rng.random() < s.refusal_probability:
+            refusal_docs = [chunks[i].text for i in rng.sample(others, s.num_distract_docs + 1)]
+            records.append(_record(len(records), "refusal_task", qa.question, refusal_docs, oracle,
+                                   s.refusal_answer, False, None))
+    return records
