@@ -100,7 +100,7 @@ class FakeOpenAI:
             def do_GET(self):
                 if not self._authorised():
                     return
-                if self.path.rstrip("/").endswith("/models"):
+                if self.path == "/v1/models":
                     data = [{"id": m, "object": "model"} for m in fake.models]
                     self._send(200, json.dumps({"object": "list", "data": data}).encode())
                 else:
@@ -110,7 +110,7 @@ class FakeOpenAI:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if not self._authorised():
                     return
-                if not self.path.endswith("/chat/completions"):
+                if self.path != "/v1/chat/completions":
                     return self._send(404, b'{"error": "not found"}')
                 if body.get("model") not in fake.models:
                     return self._send(404, json.dumps({"error": {"message": f"The model `{body.get('model')}` does not exist."}}).encode())

@@ -1,0 +1,76 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from config import RAFT_SCHEMA, ConfigError, apply_overrides, load_config
+from tests.conftest import ROOT
+
+
+def write_config(tmp_path, **changes):
+    cfg = yaml.safe_load((ROOT / "raft.yaml").read_text())
+    cfg.update(changes)
+    path = tmp_path / "raft.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_shipped_config_is_valid():
+    cfg = load_config(str(ROOT / "raft.yaml"), RAFT_SCHEMA)
+    assert cfg["chunk_size"] == 1000 and cfg["num_distract_docs"] == 4
+    assert cfg["oracle_probability"] == 0.8 and cfg["refusal_probability"] == 0.05
+    assert cfg["questions_per_chunk"] == 4 and cfg["quote_check"] == "flag"
+
+
+def test_every_key_is_documented_by_a_comment():
+    lines = (ROOT / "raft.yaml").read_text().splitlines()
+    for key in RAFT_SCHEMA:
+        index = next(i for i, line in enumerate(lines) if line.startswith(f"{key}:"))
+        assert lines[index - 1].startswith("#"), f"{key} has no comment above it"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"oracle_probabilty": 0.5}, "unknown key 'oracle_probabilty' (did you mean 'oracle_probability'?)"),
+    ({"chunk_size": "big"}, "key 'chunk_size' must be an integer"),
+    ({"questions_per_chunk": True}, "key 'questions_per_chunk' must be an integer"),
+    ({"oracle_probability": 1.5}, "key 'oracle_probability' must be between 0 and 1, got 1.5"),
+    ({"refusal_probability": -0.1}, "key 'refusal_probability' must be between 0 and 1"),
+    ({"num_distract_docs": -1}, "key 'num_distract_docs' must be 0 or more, got -1"),
+    ({"quote_check": "maybe"}, "key 'quote_check' must be one of flag, drop"),
+    ({"question_prompt": [{"role": "user", "content": "no placeholders"}]},
+     "key 'question_prompt' must contain the placeholder(s) {context}, {num_questions}"),
+    ({"answer_prompt": [{"role": "robot", "content": "{context} {question}"}]}, "roles must be system, user or assistant"),
+])
+def test_bad_values_name_the_key(tmp_path, changes, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(write_config(tmp_path, **changes), RAFT_SCHEMA)
+    assert message in str(error.value)
+
+
+def test_missing_key_and_missing_file(tmp_path):
+    cfg = yaml.safe_load((ROOT / "raft.yaml").read_text())
+    del cfg["seed"]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="missing key\\(s\\) seed"):
+        load_config(str(tmp_path / "c.yaml"), RAFT_SCHEMA)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "absent.yaml"), RAFT_SCHEMA)
+    (tmp_path / "bad.yaml").write_text("chunk_size: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(str(tmp_path / "bad.yaml"), RAFT_SCHEMA)
+
+
+def test_flags_override_and_are_validated():
+    cfg = load_config(str(ROOT / "raft.yaml"), RAFT_SCHEMA)
+    merged = apply_overrides(cfg, {"chunk_size": 500, "seed": None}, RAFT_SCHEMA)
+    assert merged["chunk_size"] == 500 and merged["seed"] == cfg["seed"]
+    with pytest.raises(ConfigError, match="command line: key 'questions_per_chunk' must be greater than 0"):
+        apply_overrides(cfg, {"questions_per_chunk": 0}, RAFT_SCHEMA)
+
+
+def test_cli_reports_a_config_mistake_in_one_line(tmp_path):
+    path = write_config(tmp_path, oracle_probability=2)
+    run = subprocess.run([sys.executable, str(ROOT / "raft.py"), "-c", path], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [f"error: {path}: key 'oracle_probability' must be between 0 and 1, got 2.0"]

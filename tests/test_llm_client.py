@@ -1,0 +1,162 @@
+"""The client against a scripted server over real HTTP: retries, fail-fast errors, cache, limits."""
+import json
+import socket
+import time
+
+import pytest
+
+from llm_client import ChatClient, LLMFatalError, ResponseCache, cache_key
+from tests.fake_server import FakeOpenAI, Reply
+
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def client_for(fake, tmp_path=None, **kw):
+    settings = dict(model="teacher", max_retries=3, backoff_base=0.05, backoff_max=0.2, timeout=5)
+    settings.update(kw)
+    if tmp_path is not None:
+        settings["cache_path"] = str(tmp_path / "cache.jsonl")
+    client = ChatClient([fake.url], **settings)
+    client.preflight()
+    return client
+
+
+def test_429_then_success_honours_retry_after(fake):
+    fake.script = lambda body, n: Reply(429, headers={"Retry-After": "1"}) if n == 0 else Reply(content="fine")
+    client = client_for(fake)
+    started = time.monotonic()
+    [result] = client.complete_all([(HELLO, {"max_tokens": 8})], "t")
+    assert result.text == "fine" and client.usage.retries == 1
+    assert time.monotonic() - started >= 1.0      # waited as the server asked, not the 0.05 s backoff
+
+
+def test_repeated_500s_give_up_on_that_request_only(fake):
+    fake.script = lambda body, n: Reply(500) if body["messages"][0]["content"] == "bad" else None
+    client = client_for(fake, max_retries=2)
+    bad, good = client.complete_all([([{"role": "user", "content": "bad"}], {}), (HELLO, {})], "t")
+    assert bad.text is None and bad.error == "HTTP 500"
+    assert good.text is not None
+    assert sum(r["messages"][0]["content"] == "bad" for r in fake.requests) == 3   # 1 try + 2 retries
+    assert client.usage.failed == 1
+
+
+def test_a_hanging_request_times_out_and_is_retried(fake):
+    fake.script = lambda body, n: Reply(content="late", delay=3) if n == 0 else Reply(content="on time")
+    client = client_for(fake, timeout=0.5)
+    [result] = client.complete_all([(HELLO, {})], "t")
+    assert result.text == "on time" and len(fake.requests) == 2
+
+
+@pytest.mark.parametrize("raw", [b"not json at all", b'{"choices": []}', b'{"choices": [{"message": {"content": 7}}]}'])
+def test_malformed_bodies_are_retried(fake, raw):
+    fake.script = lambda body, n: Reply(200, raw=raw) if n == 0 else Reply(content="ok")
+    [result] = client_for(fake).complete_all([(HELLO, {})], "t")
+    assert result.text == "ok" and len(fake.requests) == 2
+
+
+def test_empty_content_is_an_answer_not_an_error(fake):
+    fake.script = lambda body, n: Reply(content="")
+    [result] = client_for(fake).complete_all([(HELLO, {})], "t")
+    assert result.text == "" and result.error is None
+
+
+def test_400_is_not_retried(fake):
+    fake.script = lambda body, n: Reply(400, raw=b'{"error": "prompt too long"}')
+    [result] = client_for(fake).complete_all([(HELLO, {})], "t")
+    assert result.text is None and "HTTP 400" in result.error and len(fake.requests) == 1
+
+
+def test_rejected_key_fails_fast_without_echoing_the_key():
+    with FakeOpenAI(api_key="right") as fake:
+        client = ChatClient([fake.url], api_key="wrong-secret-123", model="teacher")
+        with pytest.raises(LLMFatalError) as error:
+            client.preflight()
+        assert "rejected the API key (HTTP 401)" in str(error.value) and "-k" in str(error.value)
+        assert "wrong-secret-123" not in str(error.value)
+        ok = ChatClient([fake.url], api_key="right", model="teacher")
+        assert ok.preflight() == "teacher"
+
+
+def test_unknown_model_and_model_discovery(fake):
+    with pytest.raises(LLMFatalError, match="model 'llama-70b' is not served .* it serves: teacher. Pass one of them with -m"):
+        ChatClient([fake.url], model="llama-70b").preflight()
+    assert ChatClient([fake.url]).preflight() == "teacher"       # the only model served
+    with FakeOpenAI(models=("a", "b")) as two:
+        with pytest.raises(LLMFatalError, match="serves 2 models"):
+            ChatClient([two.url]).preflight()
+
+
+def test_unreachable_server_is_a_clear_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]      # closed again at once: nothing listens there
+    client = ChatClient([f"http://127.0.0.1:{port}/v1"], model="m", backoff_base=0.01, max_retries=1)
+    with pytest.raises(LLMFatalError, match=f"cannot reach http://127.0.0.1:{port} .*start the server or fix -u"):
+        client.preflight()
+
+
+def test_wrong_base_url_is_explained(fake):
+    with pytest.raises(LLMFatalError, match="answered HTTP 404: -u must be the API base URL, usually ending in /v1"):
+        ChatClient([fake.url.replace("/v1", "")], model="teacher").preflight()
+
+
+def test_requests_spread_over_replicas(tmp_path):
+    with FakeOpenAI() as one, FakeOpenAI() as two:
+        client = ChatClient([one.url, two.url], model="teacher")
+        client.preflight()
+        client.complete_all([([{"role": "user", "content": f"q{i}"}], {}) for i in range(10)], "t")
+        assert len(one.requests) == 5 and len(two.requests) == 5
+
+
+def test_in_flight_bound_is_respected(fake):
+    active, peak = [0], [0]
+
+    def script(body, n):
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        active[0] -= 1
+        return None
+
+    fake.script = script
+    client = client_for(fake, max_in_flight=3)
+    client.complete_all([([{"role": "user", "content": f"q{i}"}], {}) for i in range(12)], "t")
+    assert peak[0] <= 3 and len(fake.requests) == 12
+
+
+def test_rpm_limit_spaces_requests(fake):
+    client = client_for(fake, rpm=2)
+    # Two requests fit in the first minute window; a third would wait ~60 s. Check the window is enforced
+    # without waiting a minute: after two requests the limiter's window is full.
+    client.complete_all([([{"role": "user", "content": f"q{i}"}], {}) for i in range(2)], "t")
+    assert len(client._rate_window) == 2
+    assert all(entry[1] > 0 for entry in client._rate_window)      # settled with the real token usage
+
+
+def test_cache_answers_a_rerun_without_sending(fake, tmp_path):
+    requests = [([{"role": "user", "content": f"q{i}"}], {"max_tokens": 4}) for i in range(5)]
+    first = client_for(fake, tmp_path).complete_all(requests, "t")
+    second_client = client_for(fake, tmp_path)
+    second = second_client.complete_all(requests, "t")
+    assert [r.text for r in first] == [r.text for r in second]
+    assert len(fake.requests) == 5 and second_client.usage.cached == 5 and all(r.cached for r in second)
+
+
+def test_cache_key_depends_on_model_messages_and_params():
+    base = cache_key("m", HELLO, {"temperature": 0})
+    assert base == cache_key("m", HELLO, {"temperature": 0})
+    assert base != cache_key("m2", HELLO, {"temperature": 0})
+    assert base != cache_key("m", [{"role": "user", "content": "hello!"}], {"temperature": 0})
+    assert base != cache_key("m", HELLO, {"temperature": 0.5})
+
+
+def test_torn_last_line_is_ignored_and_appends_stay_parseable(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    path.write_text(json.dumps({"key": "a", "text": "A", "prompt_tokens": 1, "completion_tokens": 1}) + "\n"
+                    + '{"key": "b", "text": "tor')
+    cache = ResponseCache(str(path))
+    assert cache.get("a")["text"] == "A" and cache.get("b") is None and cache.torn_lines == 1
+    cache.put("c", "C", 2, 3)
+    cache.close()
+    reloaded = ResponseCache(str(path))
+    assert reloaded.get("c")["text"] == "C" and reloaded.torn_lines == 1
