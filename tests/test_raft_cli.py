@@ -1,0 +1,181 @@
+"""raft.py end to end against the scripted server over real HTTP."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import datasets
+import pytest
+import yaml
+
+import raft
+from llm_client import ResponseCache, cache_key
+from tests.conftest import ROOT, write_corpus
+from tests.fake_server import FakeOpenAI, Reply
+
+RECORD_FIELDS = {"id", "type", "question", "context", "oracle_context", "cot_answer", "instruction",
+                 "source", "oracle_present", "quotes_verified"}
+
+
+def run_raft(fake, corpus, out, *extra):
+    return raft.main(["-u", fake.url, "--data_dir", str(corpus), "-o", str(out), "-t", "2", *extra])
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def question_of(body):
+    """The question of an answer request (the first user message ends with 'Question: ...')."""
+    first_user = next(m["content"] for m in body["messages"] if m["role"] == "user")
+    return first_user.rsplit("Question:", 1)[-1].strip()
+
+
+def is_answer_request(body):
+    return "##begin_quote##" in json.dumps(body["messages"])
+
+
+def check_record(r):
+    assert RECORD_FIELDS <= set(r)
+    docs = r["context"]["sentences"][0]
+    assert len(docs) == 5 and len(set(docs)) == 5
+    assert r["instruction"] == "".join(f"<DOCUMENT>{d}</DOCUMENT>\n" for d in docs) + r["question"]
+    assert r["id"].startswith(("seed_task_", "refusal_task_"))
+    assert "<ANSWER>:" in r["cot_answer"] or r["id"].startswith("refusal_task_")
+
+
+def test_full_run_writes_dataset_jsonl_and_settings(fake, corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_raft(fake, corpus, out) == 0
+    records = read_jsonl(out / "raft.jsonl")
+    assert records and all(check_record(r) is None for r in records)
+    assert datasets.load_from_disk(str(out)).to_list() == records          # save_to_disk holds the same
+    assert all(r["quotes_verified"] for r in records if r["id"].startswith("seed"))
+    n_chunks = sum(1 for b in fake.requests if not is_answer_request(b))
+    assert sum(r["id"].startswith("seed") for r in records) == 2 * n_chunks   # -t 2, all distinct
+    settings = json.loads((out / "raft_run.json").read_text())
+    assert settings["teacher_model"] == "teacher" and settings["endpoints"] == [fake.url.rsplit("/v1", 1)[0]]
+    assert settings["config"]["question_prompt"][0]["role"] == "system"
+    assert settings["counts"]["examples"] == len(records)
+    summary = capsys.readouterr().out
+    assert f"examples         {len(records)}:" in summary and "requests         " in summary
+
+
+def test_questions_are_capped_and_deduplicated_across_chunks(fake, corpus, tmp_path):
+    def script(body, n):
+        if not is_answer_request(body):
+            return Reply(content="1. What is shared by all chunks?\n2. What is shared by all chunks?\n"
+                                 f"3. Unique question {n}?\n4. Another one {n}?\n5. Extra {n}?")
+    fake.script = script
+    assert run_raft(fake, corpus, tmp_path / "out") == 0
+    questions = [r["question"] for r in read_jsonl(tmp_path / "out" / "raft.jsonl") if r["id"].startswith("seed")]
+    assert questions.count("What is shared by all chunks?") == 1
+    assert len(questions) == len(set(questions))
+    per_source = {}
+    for r in read_jsonl(tmp_path / "out" / "raft.jsonl"):
+        per_source.setdefault(r["oracle_context"], set()).add(r["question"])
+    assert max(len(q) for q in per_source.values()) <= 2
+
+
+def test_answer_without_marker_is_retried_once_then_dropped(fake, corpus, tmp_path, capsys):
+    def script(body, n):
+        if not is_answer_request(body):
+            return None
+        question = question_of(body)
+        retried = body["messages"][-1]["content"].startswith("Your reply has no final line")
+        if "about Fact 0.0.0" in question:
+            return Reply(content="I ramble without a final answer.")            # never fixed
+        if "about Fact 1.0.0" in question and not retried:
+            return Reply(content="Forgot the marker.")                          # fixed by the retry
+        return None
+    fake.script = script
+    assert run_raft(fake, corpus, tmp_path / "out") == 0
+    questions = {r["question"] for r in read_jsonl(tmp_path / "out" / "raft.jsonl")}
+    assert not any("Fact 0.0.0" in q for q in questions)
+    assert any("Fact 1.0.0" in q for q in questions)
+    retries = [b for b in fake.requests if b["messages"][-1]["content"].startswith("Your reply has no final line")]
+    assert len(retries) == 2 and retries[0]["messages"][-2]["role"] == "assistant"
+    assert "1 answer without <ANSWER>: after a retry" in capsys.readouterr().out
+
+
+def test_quote_check_flag_or_drop(fake, corpus, tmp_path):
+    def script(body, n):
+        if is_answer_request(body) and "Fact 2.0.0" in question_of(body):
+            return Reply(content="##begin_quote## an invented sentence ##end_quote##\n<ANSWER>: invented")
+    fake.script = script
+    assert run_raft(fake, corpus, tmp_path / "flag") == 0
+    flagged = [r for r in read_jsonl(tmp_path / "flag" / "raft.jsonl") if r["quotes_verified"] is False]
+    assert flagged and all("Fact 2.0.0" in r["question"] for r in flagged)
+    config = yaml.safe_load((ROOT / "raft.yaml").read_text())
+    config["quote_check"] = "drop"
+    (tmp_path / "drop.yaml").write_text(yaml.safe_dump(config))
+    assert run_raft(fake, corpus, tmp_path / "drop", "-c", str(tmp_path / "drop.yaml")) == 0
+    kept = read_jsonl(tmp_path / "drop" / "raft.jsonl")
+    assert kept and not any("Fact 2.0.0" in r["question"] for r in kept)
+
+
+def test_too_few_chunks_fails_before_any_request(fake, tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "small", n_docs=1, paragraphs=2)
+    assert run_raft(fake, corpus, tmp_path / "out") == 2
+    assert "each example needs 6 distinct chunks" in capsys.readouterr().err
+    assert fake.requests == []
+
+
+def test_no_documents_is_an_error_naming_the_skipped_files(fake, tmp_path, capsys):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "broken.pdf").write_bytes(b"%PDF-1.4 garbage")
+    assert run_raft(fake, tmp_path / "docs", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "no documents could be read" in err and "broken.pdf: unreadable" in err
+
+
+def test_api_key_from_environment_wins_over_flag(corpus, tmp_path, monkeypatch):
+    with FakeOpenAI(api_key="from-env") as fake:
+        monkeypatch.setenv("API_KEY", "from-env")
+        assert run_raft(fake, corpus, tmp_path / "out", "-k", "wrong") == 0
+        monkeypatch.delenv("API_KEY")
+        assert run_raft(fake, corpus, tmp_path / "out2", "-k", "wrong") == 2
+    assert "from-env" not in (tmp_path / "out" / "raft_run.json").read_text()
+    assert "from-env" not in (tmp_path / "out" / "llm_cache.jsonl").read_text()
+
+
+def test_same_inputs_cache_and_seed_give_identical_bytes(fake, corpus, tmp_path):
+    assert run_raft(fake, corpus, tmp_path / "a", "--cache_path", str(tmp_path / "c.jsonl")) == 0
+    sent = len(fake.requests)
+    assert run_raft(fake, corpus, tmp_path / "b", "--cache_path", str(tmp_path / "c.jsonl")) == 0
+    assert len(fake.requests) == sent                                      # all from the cache
+    assert (tmp_path / "a" / "raft.jsonl").read_bytes() == (tmp_path / "b" / "raft.jsonl").read_bytes()
+    assert run_raft(fake, corpus, tmp_path / "c", "--cache_path", str(tmp_path / "c.jsonl"), "--seed", "7") == 0
+    assert (tmp_path / "a" / "raft.jsonl").read_bytes() != (tmp_path / "c" / "raft.jsonl").read_bytes()
+
+
+def test_killed_run_resumes_without_resending_finished_requests(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    with FakeOpenAI() as fake:
+        fake.script = lambda body, n: Reply(delay=0.1)
+        cmd = [sys.executable, str(ROOT / "raft.py"), "-u", fake.url, "--data_dir", str(corpus), "-t", "2",
+               "--max_in_flight", "3"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        first = subprocess.Popen(cmd + ["-o", str(tmp_path / "resumed")], cwd=ROOT, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while len(fake.requests) < 14 and time.time() < deadline:
+            time.sleep(0.02)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        finished = set(ResponseCache(str(tmp_path / "resumed" / "llm_cache.jsonl")).entries)
+        assert 5 <= len(finished) < 14
+        sent_before = len(fake.requests)
+        fake.script = lambda body, n: None
+        assert subprocess.run(cmd + ["-o", str(tmp_path / "resumed")], cwd=ROOT, env=env,
+                              capture_output=True).returncode == 0
+        resent = [cache_key(b["model"], b["messages"], {k: v for k, v in b.items() if k not in ("model", "messages")})
+                  for b in fake.requests[sent_before:]]
+        assert not finished & set(resent)                     # nothing finished was asked again
+        total_needed = len(set(resent) | finished)
+        assert subprocess.run(cmd + ["-o", str(tmp_path / "straight")], cwd=ROOT, env=env,
+                              capture_output=True).returncode == 0
+        assert len(fake.requests) - sent_before - len(resent) == total_needed
+    assert (tmp_path / "resumed" / "raft.jsonl").read_bytes() == (tmp_path / "straight" / "raft.jsonl").read_bytes()
