@@ -92,7 +92,8 @@ def main(argv=None):
     try:
         records = read(args.input, args.input_type)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     target = write(records, args.output, args.output_format, args.output_type, args.output_chat_system_prompt)
     print(f"wrote {len(records)} records to {target} ({args.output_format}, {args.output_type})")
 
