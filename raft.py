@@ -50,7 +50,8 @@ def parse_args(argv):
     p.add_argument("--output_format", choices=formats.FORMATS)
     p.add_argument("--output_type", choices=formats.TYPES)
     p.add_argument("--cache_path", help="cache file (default <output>/llm_cache.jsonl)")
-    p.add_argument("--max_chunks", type=int, help="use only the first N chunks (for a quick trial)")
+    p.add_argument("--max_chunks", type=int,
+                   help="ask about the first N chunks only (a quick trial); distractors come from all chunks")
     return p.parse_args(argv)
 
 
@@ -70,6 +71,8 @@ def ask_questions(client, cfg, chunks, stats) -> list[tuple[int, str]]:
     params = {"temperature": cfg["temperature"], "max_tokens": cfg["question_max_tokens"]}
     requests = [(fill(cfg["question_prompt"], context=c.text, num_questions=cfg["questions_per_chunk"]), params)
                 for c in chunks]
+    # A small teacher sometimes repeats the worked example's questions: those are not about the chunk.
+    example = normalise(" ".join(m["content"] for m in cfg["question_prompt"]))
     pairs, seen = [], set()
     for index, result in enumerate(client.complete_all(requests, "questions")):
         if result.text is None:
@@ -79,6 +82,9 @@ def ask_questions(client, cfg, chunks, stats) -> list[tuple[int, str]]:
         for question in parse_questions(result.text):
             if kept == cfg["questions_per_chunk"]:
                 break
+            if normalise(question) in example:
+                stats["dropped"]["question copied from the prompt's example"] += 1
+                continue
             if normalise(question) in seen:
                 stats["dropped"]["duplicate question"] += 1
                 continue
@@ -141,7 +147,7 @@ def print_summary(stats, client, target, skipped, seconds):
     lines = [
         f"documents        {stats['documents']} loaded, {len(skipped)} skipped",
         *(f"  skipped        {source}: {why}" for source, why in skipped),
-        f"chunks           {stats['chunks']} used ({', '.join(f'{n} {why}' for why, n in stats['chunks dropped'].items())} dropped)",
+        f"chunks           {stats['chunks']} ({stats['chunks asked']} asked about; {', '.join(f'{n} {why}' for why, n in stats['chunks dropped'].items())} dropped)",
         f"questions        {stats.get('questions', 0)}",
         f"answers          {stats.get('answers', 0)} ({stats.get('answers retried', 0)} retried for a missing <ANSWER>:)",
         *(f"  dropped        {n} {why}" for why, n in sorted(stats["dropped"].items())),
@@ -168,8 +174,9 @@ def run(args) -> int:
                          + " and ".join(filter(None, [cfg["data_dir"], cfg["xml_path"]]))
                          + "".join(f"\n  {source}: {why}" for source, why in loaded.skipped))
     chunks, stats["chunks dropped"] = split_documents(loaded.documents, cfg["chunk_size"])
-    chunks = chunks[:args.max_chunks] if args.max_chunks else chunks
-    stats.update(documents=len(loaded.documents), chunks=len(chunks))
+    # --max_chunks limits the chunks asked about; distractors still come from every chunk.
+    asked = chunks[:args.max_chunks] if args.max_chunks else chunks
+    stats.update(documents=len(loaded.documents), chunks=len(chunks), **{"chunks asked": len(asked)})
     assembly = AssemblySettings(cfg["num_distract_docs"], cfg["oracle_probability"],
                                 cfg["refusal_probability"], cfg["refusal_answer"])
     if len(chunks) < chunks_needed(assembly):
@@ -184,8 +191,8 @@ def run(args) -> int:
     try:
         client.preflight()
         print(f"teacher {client.model} at {', '.join(public_host(u) for u in client.urls)}; "
-              f"{len(chunks)} chunks from {len(loaded.documents)} documents", flush=True)
-        pairs = ask_questions(client, cfg, chunks, stats)
+              f"questions on {len(asked)} of {len(chunks)} chunks from {len(loaded.documents)} documents", flush=True)
+        pairs = ask_questions(client, cfg, asked, stats)
         qas = answer_questions(client, cfg, chunks, pairs, stats)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished replies are kept in {client.cache.path}; "

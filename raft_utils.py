@@ -166,18 +166,25 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+_ASKING = re.compile(r"^(what|which|who|whom|whose|when|where|why|how|is|are|was|were|can|could|does|do|did|"
+                     r"should|will|would|may|explain|describe|list|name|give|compare)\b", re.I)
+_SELF_REFERENCE = re.compile(r"\bthis (document|passage|text|context|chunk|excerpt)\b|"
+                             r"\b(according to|in|from|based on) the (document|passage|text|context|excerpt)\b", re.I)
+
+
 def parse_questions(reply: str) -> list[str]:
-    """Questions from a teacher reply, loosely: numbering, bullets and quotes stripped, headers such as
-    'Here are 4 questions:' dropped; when any line ends in '?', only such lines count."""
-    candidates = []
+    """Questions from a teacher reply, loosely: numbering, bullets, bold and quotes stripped; several questions
+    on one line split apart; lines that neither end in '?' nor start like a question or a request dropped
+    (headers such as 'Here are 4 questions:', summaries of the chunk); questions that point at 'the document'
+    dropped, since the user who asks them later has no document in front of them."""
+    questions = []
     for line in reply.splitlines():
-        line = _LIST_MARKER.sub("", line.strip()).strip().strip(_QUOTES).strip()
-        line = line.replace("**", "").strip()
-        if len(line) >= 8 and not line.endswith(":"):
-            candidates.append(line)
-    if any(c.endswith("?") for c in candidates):
-        candidates = [c for c in candidates if c.endswith("?")]
-    return candidates
+        for piece in re.split(r"(?<=\?)\s+", line.strip()):
+            piece = _LIST_MARKER.sub("", piece.replace("**", "")).strip().strip(_QUOTES).strip()
+            if len(piece) >= 8 and (piece.endswith("?") or _ASKING.match(piece)) and not piece.endswith(":") \
+                    and not _SELF_REFERENCE.search(piece):
+                questions.append(piece)
+    return questions
 
 
 _ANSWER_MARK = re.compile(r"<ANSWER>\s*:(.*)", re.S)

@@ -31,8 +31,8 @@ class Reply:
 
 def document_of(body: dict) -> str:
     text = "\n".join(m["content"] for m in body["messages"])
-    match = re.search(r"<DOCUMENT>(.*?)</DOCUMENT>", text, re.S)
-    return match.group(1).strip() if match else text
+    documents = re.findall(r"<DOCUMENT>(.*?)</DOCUMENT>", text, re.S)
+    return documents[-1].strip() if documents else text      # the last one: a prompt may open with an example
 
 
 def default_content(body: dict) -> str:

@@ -15,10 +15,21 @@ def test_questions_lose_numbering_bullets_quotes_and_headers():
         "What is GQA?"]
 
 
-def test_lines_without_question_marks_are_kept_when_no_line_has_one():
+def test_requests_without_question_marks_count_but_summaries_do_not():
     assert parse_questions("1. Explain grouped-query attention\n2. Describe the licence") == [
         "Explain grouped-query attention", "Describe the licence"]
+    assert parse_questions("The document provides a detailed explanation of LoRA.") == []
     assert parse_questions("") == [] and parse_questions("Sure:\n\n") == []
+
+
+def test_several_questions_on_one_line_are_split():
+    assert parse_questions("What is LoRA? How does it save memory?   Why use rank 8?") == [
+        "What is LoRA?", "How does it save memory?", "Why use rank 8?"]
+
+
+def test_questions_that_point_at_the_document_are_dropped():
+    assert parse_questions("1. What is the purpose of this document?\n2. According to the passage, what is GQA?\n"
+                           "3. What is the context length of Llama 3?") == ["What is the context length of Llama 3?"]
 
 
 @pytest.mark.parametrize("text, answer", [

@@ -28,9 +28,9 @@ def read_jsonl(path):
 
 
 def question_of(body):
-    """The question of an answer request (the first user message ends with 'Question: ...')."""
-    first_user = next(m["content"] for m in body["messages"] if m["role"] == "user")
-    return first_user.rsplit("Question:", 1)[-1].strip()
+    """The question of an answer request: the last message with 'Question: ...' (earlier ones are the example)."""
+    asking = [m["content"] for m in body["messages"] if m["role"] == "user" and "Question:" in m["content"]]
+    return asking[-1].rsplit("Question:", 1)[-1].strip()
 
 
 def is_answer_request(body):
@@ -66,12 +66,13 @@ def test_full_run_writes_dataset_jsonl_and_settings(fake, corpus, tmp_path, caps
 def test_questions_are_capped_and_deduplicated_across_chunks(fake, corpus, tmp_path):
     def script(body, n):
         if not is_answer_request(body):
-            return Reply(content="1. What is shared by all chunks?\n2. What is shared by all chunks?\n"
+            return Reply(content="1. How long is the Rhine?\n2. What is shared by all chunks?\n3. What is shared by all chunks?\n"
                                  f"3. Unique question {n}?\n4. Another one {n}?\n5. Extra {n}?")
     fake.script = script
     assert run_raft(fake, corpus, tmp_path / "out") == 0
     questions = [r["question"] for r in read_jsonl(tmp_path / "out" / "raft.jsonl") if r["id"].startswith("seed")]
     assert questions.count("What is shared by all chunks?") == 1
+    assert "How long is the Rhine?" not in questions          # copied from the prompt's worked example
     assert len(questions) == len(set(questions))
     per_source = {}
     for r in read_jsonl(tmp_path / "out" / "raft.jsonl"):

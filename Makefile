@@ -1,0 +1,31 @@
+# The toolkit's entry points. Each target can be re-run; setup skips what is already there.
+#   make setup      both environments (.venv for the toolkit, .venv-teacher for llama.cpp) and the model
+#   make generate   RAFT data from data/ with the local teacher (SmolLM2 on llama.cpp), into output/
+#   make test       the test suite (what CI runs)
+#   make bench      the generation benchmark
+PY := .venv/bin/python
+TEACHER_PORT ?= 8001
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup generate test bench
+
+setup: .venv/done
+	scripts/teacher.sh setup
+
+.venv/done: requirements.txt
+	python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	.venv/bin/pip install -q torch==2.13.0
+	.venv/bin/pip install -q -r requirements.txt
+	touch $@
+
+generate: setup
+	TEACHER_PORT=$(TEACHER_PORT) scripts/teacher.sh start
+	$(PY) raft.py -u http://127.0.0.1:$(TEACHER_PORT)/v1 -k EMPTY -t 4; status=$$?; \
+	  TEACHER_PORT=$(TEACHER_PORT) scripts/teacher.sh stop; exit $$status
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/generation.py

@@ -1,0 +1,58 @@
+"""raft.py against the real llama.cpp server with SmolLM2-135M-Instruct on part of data/ (about 2 minutes).
+
+The server is started here with scripts/teacher.sh; `make setup` (or .ci/run) builds it and fetches the model.
+A 135M model writes loose output, so this checks the format of whatever it produced, never exact counts.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from tests.test_raft_cli import check_record
+
+TEACHER = ROOT / "scripts" / "teacher.sh"
+
+
+@pytest.fixture(scope="module")
+def teacher_url():
+    if not (ROOT / ".venv-teacher" / "bin" / "python").exists():
+        pytest.fail("the llama.cpp teacher is not set up: run `make setup` (scripts/teacher.sh setup) first")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "TEACHER_PORT": str(port)}
+    started = subprocess.run([str(TEACHER), "start"], env=env, capture_output=True, text=True)
+    assert started.returncode == 0, started.stderr
+    yield f"http://127.0.0.1:{port}/v1"
+    subprocess.run([str(TEACHER), "stop"], env=env, capture_output=True)
+
+
+def test_generation_with_smollm2_on_the_demo_corpus(teacher_url, tmp_path):
+    config = yaml.safe_load((ROOT / "raft.yaml").read_text())
+    config.update(answer_max_tokens=320, question_max_tokens=160, refusal_probability=0.3)
+    (tmp_path / "raft.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, str(ROOT / "raft.py"), "-c", str(tmp_path / "raft.yaml"), "-u", teacher_url,
+           "-k", "EMPTY", "-t", "2", "--max_chunks", "8", "--data_dir", str(ROOT / "data"), "-o", str(tmp_path / "out")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in open(tmp_path / "out" / "raft.jsonl")]
+    assert records, "no example produced"
+    for r in records:
+        check_record(r)
+        assert r["oracle_context"] in {*r["context"]["sentences"][0]} or not r["oracle_present"]
+    seeds = [r for r in records if r["id"].startswith("seed_task_")]
+    assert seeds and all(r["question"].strip() and r["cot_answer"].strip() for r in seeds)
+    settings = json.loads((tmp_path / "out" / "raft_run.json").read_text())
+    assert settings["teacher_model"] == "smollm2-135m-instruct"
+    assert "examples" in done.stdout and "tokens" in done.stdout
+
+    # The same command again is answered entirely from the cache and gives the same bytes.
+    first = (tmp_path / "out" / "raft.jsonl").read_bytes()
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "0 sent," in again.stdout
+    assert (tmp_path / "out" / "raft.jsonl").read_bytes() == first
