@@ -1,10 +1,12 @@
 # The toolkit's entry points. Each target can be re-run; setup skips what is already there.
 #   make setup      both environments (.venv for the toolkit, .venv-teacher for llama.cpp) and the model
 #   make generate   RAFT data from data/ with the local teacher (SmolLM2 on llama.cpp), into output/
+#                   (RAFT_ARGS="-t 2 --max_chunks 10" for a quick look)
 #   make test       the test suite (what CI runs)
 #   make bench      the generation benchmark
 PY := .venv/bin/python
 TEACHER_PORT ?= 8001
+RAFT_ARGS ?= -t 4
 export HF_HUB_OFFLINE := 1
 
 .PHONY: setup generate test bench
@@ -21,7 +23,7 @@ setup: .venv/done
 
 generate: setup
 	TEACHER_PORT=$(TEACHER_PORT) scripts/teacher.sh start
-	$(PY) raft.py -u http://127.0.0.1:$(TEACHER_PORT)/v1 -k EMPTY -t 4; status=$$?; \
+	$(PY) raft.py -u http://127.0.0.1:$(TEACHER_PORT)/v1 -k EMPTY $(RAFT_ARGS); status=$$?; \
 	  TEACHER_PORT=$(TEACHER_PORT) scripts/teacher.sh stop; exit $$status
 
 test: setup

@@ -6,7 +6,8 @@
 1. Loopback: a scripted OpenAI-compatible server (its own process) answers every request after a fixed delay
    with unlimited parallelism. N requests go through this project's client at 1, 8 and 64 in flight, and
    through LangChain's ChatOpenAI.batch called the way the reference raft_utils.py calls it (default settings).
-   Each is printed against the limit N x delay / in-flight, and against the reference.
+   Each is printed against the limit N x delay / in-flight, and against the reference. Each way first sends
+   one warm-up batch, so that connection set-up is not timed for either.
 2. Real: raft.py on the first 20 chunks of data/ with the llama.cpp server and SmolLM2-135M-Instruct
    (started here unless --teacher-url is given): chunks per minute and generated tokens per second.
 """
@@ -52,11 +53,15 @@ def prompts(n: int, tag: str) -> list[str]:
 def time_project_client(url: str, n: int, in_flight: int) -> float:
     client = ChatClient([url], model="teacher", max_in_flight=in_flight)   # no cache: every request is sent
     client.preflight()
-    requests = [([{"role": "user", "content": p}], {"temperature": 0.0, "max_tokens": 500})
-                for p in prompts(n, f"ours-{in_flight}")]
+
+    def batch(tag, count):
+        return [([{"role": "user", "content": p}], {"temperature": 0.0, "max_tokens": 500}) for p in prompts(count, tag)]
+    # Warm-up: open the connections first, as they are after raft.py's first stage; both ways get one.
+    client.complete_all(batch(f"warm-{in_flight}", in_flight), "warm-up")
     started = time.perf_counter()
-    results = client.complete_all(requests, f"project client, {in_flight} in flight")
+    results = client.complete_all(batch(f"ours-{in_flight}", n), f"project client, {in_flight} in flight")
     elapsed = time.perf_counter() - started
+    client.close()
     assert all(r.text for r in results), "benchmark server failed a request"
     return elapsed
 
@@ -64,6 +69,7 @@ def time_project_client(url: str, n: int, in_flight: int) -> float:
 def time_reference(url: str, n: int) -> float:
     from langchain_openai import ChatOpenAI
     llm = ChatOpenAI(api_key="EMPTY", base_url=url, model="teacher", temperature=0.0, max_tokens=500)
+    llm.batch(prompts(32, "reference-warm-up"))
     started = time.perf_counter()
     llm.batch(prompts(n, "reference"))
     return time.perf_counter() - started

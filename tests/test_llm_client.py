@@ -9,6 +9,21 @@ from llm_client import ChatClient, LLMFatalError, ResponseCache, cache_key
 from tests.fake_server import FakeOpenAI, Reply
 
 HELLO = [{"role": "user", "content": "hello"}]
+OPEN_CLIENTS = []
+
+
+@pytest.fixture(autouse=True)
+def close_clients(monkeypatch):
+    """Every client a test makes is closed after it, so no connection or event loop outlives its test."""
+    original_init = ChatClient.__post_init__
+
+    def tracked(self):
+        original_init(self)
+        OPEN_CLIENTS.append(self)
+    monkeypatch.setattr(ChatClient, "__post_init__", tracked)
+    yield
+    while OPEN_CLIENTS:
+        OPEN_CLIENTS.pop().close()
 
 
 def client_for(fake, tmp_path=None, **kw):
