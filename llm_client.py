@@ -216,6 +216,7 @@ class ChatClient:
         # which decides whether 64 requests in flight reach the server's limit (bench/generation.py).
         async def open_session():
             return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.max_in_flight),
+                                         cookie_jar=aiohttp.DummyCookieJar(),   # an API needs no cookies
                                          headers={"Authorization": f"Bearer {self.api_key}"},
                                          timeout=aiohttp.ClientTimeout(total=self.timeout))
         if self._http is None:
@@ -258,39 +259,33 @@ class ChatClient:
         return text or "", int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
 
     async def _complete_all(self, http, requests, desc) -> list[ChatResult]:
-        gate = asyncio.Semaphore(self.max_in_flight)
+        """max_in_flight workers share one iterator over the requests: each takes the next one when free."""
         limiter = RateLimiter(self.rpm, self.tpm, self._rate_window)
-        bar = tqdm(total=len(requests), desc=desc, unit="req", dynamic_ncols=True)
+        results: list[Optional[ChatResult]] = [None] * len(requests)
+        todo = iter(enumerate(requests))
+        with tqdm(total=len(requests), desc=desc, unit="req", dynamic_ncols=True) as bar:
+            async def worker():
+                for index, (messages, params) in todo:
+                    results[index] = await self._complete_one(http, limiter, messages, params)
+                    if bar.update(1):   # True when redrawn: only then is the token count worth formatting
+                        bar.set_postfix(tokens=self.usage.prompt_tokens + self.usage.completion_tokens, refresh=False)
+            await asyncio.gather(*(worker() for _ in range(min(self.max_in_flight, len(requests)))))
+        return results
 
-        async def one(messages, params) -> ChatResult:
-            result = await self._complete_one(http, gate, limiter, messages, params)
-            if bar.update(1):     # True when the bar was redrawn: only then is the token count worth formatting
-                bar.set_postfix(tokens=self.usage.prompt_tokens + self.usage.completion_tokens, refresh=False)
-            return result
-
-        tasks = [asyncio.ensure_future(one(m, p)) for m, p in requests]
-        try:
-            return list(await asyncio.gather(*tasks))
-        finally:
-            for task in tasks:
-                task.cancel()
-            bar.close()
-
-    async def _complete_one(self, http, gate, limiter, messages, params) -> ChatResult:
+    async def _complete_one(self, http, limiter, messages, params) -> ChatResult:
         key = cache_key(self.model, messages, params) if self.cache else None
         hit = self.cache.get(key) if self.cache else None
         if hit:
             self.usage.cached += 1
             return ChatResult(hit["text"], hit["prompt_tokens"], hit["completion_tokens"], cached=True)
         body = {"model": self.model, "messages": list(messages), **params}
-        async with gate:
-            entry = await limiter.acquire(lambda: len(json.dumps(messages)) // 4 + int(params.get("max_tokens", 0)))
-            try:
-                text, prompt_tokens, completion_tokens = await self._send_with_retries(
-                    http, "POST", None, "/chat/completions", body, self._parse_chat)
-            except _Failed as failure:
-                self.usage.failed += 1
-                return ChatResult(None, error=failure.reason)
+        entry = await limiter.acquire(lambda: len(json.dumps(messages)) // 4 + int(params.get("max_tokens", 0)))
+        try:
+            text, prompt_tokens, completion_tokens = await self._send_with_retries(
+                http, "POST", None, "/chat/completions", body, self._parse_chat)
+        except _Failed as failure:
+            self.usage.failed += 1
+            return ChatResult(None, error=failure.reason)
         RateLimiter.settle(entry, prompt_tokens + completion_tokens)
         self.usage.sent += 1
         self.usage.prompt_tokens += prompt_tokens

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,7 +51,8 @@ def prompts(n: int, tag: str) -> list[str]:
     return [f"[{tag}] Write one question about chunk {i}." for i in range(n)]
 
 
-def time_project_client(url: str, n: int, in_flight: int) -> float:
+def time_project_client(url: str, n: int, in_flight: int, repeats: int) -> float:
+    """Median over `repeats` timed batches, after one warm-up batch."""
     client = ChatClient([url], model="teacher", max_in_flight=in_flight)   # no cache: every request is sent
     client.preflight()
 
@@ -58,12 +60,14 @@ def time_project_client(url: str, n: int, in_flight: int) -> float:
         return [([{"role": "user", "content": p}], {"temperature": 0.0, "max_tokens": 500}) for p in prompts(count, tag)]
     # Warm-up: open the connections first, as they are after raft.py's first stage; both ways get one.
     client.complete_all(batch(f"warm-{in_flight}", in_flight), "warm-up")
-    started = time.perf_counter()
-    results = client.complete_all(batch(f"ours-{in_flight}", n), f"project client, {in_flight} in flight")
-    elapsed = time.perf_counter() - started
+    times = []
+    for repeat in range(repeats):
+        started = time.perf_counter()
+        results = client.complete_all(batch(f"ours-{in_flight}-{repeat}", n), f"project client, {in_flight} in flight")
+        times.append(time.perf_counter() - started)
+        assert all(r.text for r in results), "benchmark server failed a request"
     client.close()
-    assert all(r.text for r in results), "benchmark server failed a request"
-    return elapsed
+    return statistics.median(times)
 
 
 def time_reference(url: str, n: int) -> float:
@@ -75,7 +79,7 @@ def time_reference(url: str, n: int) -> float:
     return time.perf_counter() - started
 
 
-def loopback(n: int, delay: float):
+def loopback(n: int, delay: float, repeats: int):
     port = free_port()
     server = subprocess.Popen([sys.executable, str(ROOT / "bench" / "loopback_server.py"), str(port), str(delay)],
                               stdout=subprocess.DEVNULL)
@@ -84,12 +88,15 @@ def loopback(n: int, delay: float):
         wait_until_up(url)
         rows = []
         for in_flight in (1, 8, 64):
-            rows.append((f"project client, {in_flight} in flight", in_flight, time_project_client(url, n, in_flight)))
+            # One run at 1 in flight (it takes n x delay); the median of `repeats` for the short ones.
+            seconds = time_project_client(url, n, in_flight, 1 if in_flight == 1 else repeats)
+            rows.append((f"project client, {in_flight} in flight", in_flight, seconds))
         reference = time_reference(url, n)
     finally:
         server.terminate()
         server.wait()
-    print(f"\n== Loopback: {n} requests, server delay {delay * 1000:.0f} ms, unlimited server parallelism")
+    print(f"\n== Loopback: {n} requests, server delay {delay * 1000:.0f} ms, unlimited server parallelism "
+          f"(8 and 64 in flight: median of {repeats} runs)")
     print(f"{'client':34} {'seconds':>8} {'limit s':>8} {'of limit':>9} {'req/s':>7} {'vs reference':>13}")
     for name, in_flight, seconds in rows:
         limit = n * delay / in_flight
@@ -118,11 +125,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=512)
     parser.add_argument("--delay", type=float, default=0.2, help="loopback server delay in seconds")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs at 8 and 64 in flight (median shown)")
     parser.add_argument("--chunks", type=int, default=20)
     parser.add_argument("--skip-real", action="store_true", help="only the loopback part")
     parser.add_argument("--teacher-url", help="a running teacher server; default: start scripts/teacher.sh")
     args = parser.parse_args()
-    loopback(args.requests, args.delay)
+    loopback(args.requests, args.delay, args.repeats)
     if args.skip_real:
         return
     if args.teacher_url:
