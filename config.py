@@ -142,3 +142,9 @@ RAFT_SCHEMA: dict[str, Key] = {
     "answer_prompt": Key(list, chat_messages("context", "question")),
     "answer_retry_prompt": Key(str),
 }
+
+
+# The keys of raft_eval_config.yaml known so far (the RAG prompt, shared by evaluation, chat and fine-tuning).
+EVAL_SCHEMA: dict[str, Key] = {
+    "rag_prompt": Key(list, chat_messages("instruction")),
+}

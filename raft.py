@@ -22,7 +22,7 @@ import datasets
 import format as formats
 from config import RAFT_SCHEMA, TOOLKIT_VERSION, ConfigError, apply_overrides, load_config
 from llm_client import ChatClient, LLMFatalError, public_host
-from raft_utils import (QA, AssemblySettings, InputError, assemble, chunks_needed, final_answer,
+from raft_utils import (QA, AssemblySettings, InputError, assemble, chunks_needed, fill_prompt, final_answer,
                         load_documents, normalise, parse_questions, quotes_verified, split_documents)
 
 DEFAULT_URL = "http://localhost:8001/v1"
@@ -55,21 +55,10 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def fill(messages: list[dict], **values) -> list[dict]:
-    """Put values into a prompt's {placeholders}; plain replacement, so other braces in a prompt are safe."""
-    filled = []
-    for m in messages:
-        content = m["content"]
-        for name, value in values.items():
-            content = content.replace("{" + name + "}", str(value))
-        filled.append({"role": m["role"], "content": content})
-    return filled
-
-
 def ask_questions(client, cfg, chunks, stats) -> list[tuple[int, str]]:
     """(chunk index, question) pairs: at most questions_per_chunk per chunk, no question twice in the run."""
     params = {"temperature": cfg["temperature"], "max_tokens": cfg["question_max_tokens"]}
-    requests = [(fill(cfg["question_prompt"], context=c.text, num_questions=cfg["questions_per_chunk"]), params)
+    requests = [(fill_prompt(cfg["question_prompt"], context=c.text, num_questions=cfg["questions_per_chunk"]), params)
                 for c in chunks]
     # A small teacher sometimes repeats the worked example's questions: those are not about the chunk.
     example = normalise(" ".join(m["content"] for m in cfg["question_prompt"]))
@@ -100,7 +89,7 @@ def ask_questions(client, cfg, chunks, stats) -> list[tuple[int, str]]:
 def answer_questions(client, cfg, chunks, pairs, stats) -> list[QA]:
     """A chain-of-thought answer per question; one retry for an answer without '<ANSWER>:'."""
     params = {"temperature": cfg["temperature"], "max_tokens": cfg["answer_max_tokens"]}
-    requests = [(fill(cfg["answer_prompt"], context=chunks[i].text, question=q), params) for i, q in pairs]
+    requests = [(fill_prompt(cfg["answer_prompt"], context=chunks[i].text, question=q), params) for i, q in pairs]
     results = client.complete_all(requests, "answers")
     unfinished = [k for k, r in enumerate(results) if r.text is not None and final_answer(r.text) is None]
     if unfinished:

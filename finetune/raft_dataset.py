@@ -1,0 +1,138 @@
+"""RAFT records -> token ids and labels for fine-tuning a chat model.
+
+A record becomes a chat: the RAG prompt of raft_eval_config.yaml filled with the record's instruction (documents
++ question), then the assistant's chain-of-thought answer. Only the answer and its end-of-turn token are learnt:
+the labels of everything before are -100. Where the answer starts is read off the tokenizer's own chat template
+(the conversation up to the generation prompt must be a token prefix of the whole conversation), never from
+hard-coded token ids; labels are built from lengths, never by masking pad ids (SmolLM2's pad token is its
+end-of-turn token, which must be learnt).
+"""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raft_utils import fill_prompt
+
+IGNORE_INDEX = -100          # the label PyTorch's cross-entropy skips
+REQUIRED_FIELDS = ("instruction", "cot_answer")
+
+
+class DataError(Exception):
+    """The training data or the tokenizer cannot be used: the message names the file or model and the fix."""
+
+
+def load_records(paths: list[str]) -> list[dict]:
+    """RAFT records from one or more JSONL files (the recipe's best model was trained on two sets combined)."""
+    records = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise DataError(f"data file {path} not found: pass raft.jsonl files written by raft.py with --data_path")
+        count = 0
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise DataError(f"{path}, line {number}: not valid JSON") from None
+                missing = [k for k in REQUIRED_FIELDS if not isinstance(record.get(k), str)]
+                if missing:
+                    raise DataError(f"{path}, line {number}: missing field(s) {', '.join(missing)}: "
+                                    "not a RAFT record (see design.md, section 2)")
+                records.append(record)
+                count += 1
+        if not count:
+            raise DataError(f"data file {path} is empty")
+    return records
+
+
+def to_messages(record: dict, rag_prompt: list[dict]) -> list[dict]:
+    return fill_prompt(rag_prompt, instruction=record["instruction"]) + [
+        {"role": "assistant", "content": record["cot_answer"]}]
+
+
+def tokenize_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one conversation whose last message is the assistant's answer.
+
+    The template renders the conversation without the answer (with the generation prompt) and with it; the
+    first must be a text prefix of the second. Tokens that start inside that prefix are masked. Offsets rather
+    than a token-level prefix: BPE may merge across the boundary (SmolLM2 turns a trailing "\n\n" into one token
+    at the end of a prompt but two before the answer)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"tokenizer of {tokenizer.name_or_path} has no chat template: use an instruct/chat model "
+                        "or give the tokenizer a chat_template")
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise DataError(f"the chat template of {tokenizer.name_or_path} renders the prompt differently inside the "
+                        "whole conversation, so the answer cannot be located: fix the template")
+    # The template writes its own special tokens (bos): tokenize its text as it is.
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    starts = [start for start, _ in encoded["offset_mapping"]]
+    in_prompt = next((i for i, start in enumerate(starts) if start >= len(prompt)), len(starts))
+    completion = ids[in_prompt:]
+    # Learn the answer and its end-of-turn token; what a template adds after that token (ChatML's newline)
+    # is formatting between turns, not part of the answer.
+    eos = tokenizer.eos_token_id
+    end = len(completion) - completion[::-1].index(eos) if eos in completion else len(completion)
+    labels = [IGNORE_INDEX] * in_prompt + completion[:end] + [IGNORE_INDEX] * (len(completion) - end)
+    return ids, labels
+
+
+@dataclass
+class Encoded:
+    examples: list[tuple[list[int], list[int]]] = field(default_factory=list)   # (input_ids, labels)
+    truncated: int = 0            # examples cut to the context length (their answer partly kept)
+    dropped: int = 0              # examples whose answer starts beyond the context length
+
+
+def encode(records: list[dict], tokenizer, rag_prompt: list[dict], context_length: int) -> Encoded:
+    out = Encoded()
+    for record in records:
+        ids, labels = tokenize_chat(tokenizer, to_messages(record, rag_prompt))
+        if len(ids) > context_length:
+            ids, labels = ids[:context_length], labels[:context_length]
+            if all(label == IGNORE_INDEX for label in labels):
+                out.dropped += 1
+                continue
+            out.truncated += 1
+        out.examples.append((ids, labels))
+    return out
+
+
+def pack(examples: list[tuple[list[int], list[int]]], context_length: int) -> list[dict]:
+    """Concatenate examples into rows of at most context_length tokens, in order, without splitting one.
+    position_ids restart at 0 for every example: attention implementations that read them (flash attention,
+    and transformers' SDPA path for packed rows) keep each example from attending to the one before it.
+    No loss crosses a boundary, since every example starts with its masked prompt."""
+    rows, current = [], {"input_ids": [], "labels": [], "position_ids": []}
+    for ids, labels in examples:
+        if current["input_ids"] and len(current["input_ids"]) + len(ids) > context_length:
+            rows.append(current)
+            current = {"input_ids": [], "labels": [], "position_ids": []}
+        current["input_ids"] += ids
+        current["labels"] += labels
+        current["position_ids"] += list(range(len(ids)))
+    if current["input_ids"]:
+        rows.append(current)
+    return rows
+
+
+def unpacked(examples: list[tuple[list[int], list[int]]]) -> list[dict]:
+    """One example per row, for the padding strategy."""
+    return [{"input_ids": ids, "labels": labels, "position_ids": list(range(len(ids)))} for ids, labels in examples]
+
+
+def collate(rows: list[dict], pad_token_id: int) -> dict:
+    """Right-pad a batch to its longest row; the attention mask and the padded labels come from the lengths."""
+    import torch
+    longest = max(len(r["input_ids"]) for r in rows)
+
+    def padded(key, value):
+        return torch.tensor([r[key] + [value] * (longest - len(r[key])) for r in rows])
+    return {"input_ids": padded("input_ids", pad_token_id), "labels": padded("labels", IGNORE_INDEX),
+            "position_ids": padded("position_ids", 0),
+            "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (longest - len(r["input_ids"]))
+                                            for r in rows])}
