@@ -102,12 +102,12 @@ class ResponseCache:
 
 
 class RateLimiter:
-    """Sliding one-minute windows over request starts (rpm) and tokens (tpm); 0 disables a limit.
-    Tokens are reserved with an estimate when a request starts and corrected with the real usage."""
+    """Sliding windows of `period` seconds (a minute) over request starts (rpm) and tokens (tpm); 0 disables a
+    limit. Tokens are reserved with an estimate when a request starts and corrected with the real usage."""
 
-    def __init__(self, rpm: int, tpm: int, window: collections.deque):
-        self.rpm, self.tpm = rpm, tpm
-        self.window = window        # [start_time, tokens] entries; outlives one event loop, the lock does not
+    def __init__(self, rpm: int, tpm: int, period: float = 60.0):
+        self.rpm, self.tpm, self.period = rpm, tpm, period
+        self.window: collections.deque = collections.deque()    # [start_time, tokens] entries
         self.lock = asyncio.Lock()
 
     async def acquire(self, estimate_tokens) -> Optional[list]:
@@ -118,7 +118,7 @@ class RateLimiter:
         async with self.lock:
             while True:
                 now = time.monotonic()
-                while self.window and now - self.window[0][0] >= 60:
+                while self.window and now - self.window[0][0] >= self.period:
                     self.window.popleft()
                 used = sum(entry[1] for entry in self.window)
                 over_rpm = self.rpm and len(self.window) >= self.rpm
@@ -127,7 +127,7 @@ class RateLimiter:
                     entry = [now, estimated_tokens]
                     self.window.append(entry)
                     return entry
-                await asyncio.sleep(60 - (now - self.window[0][0]) + 0.01)
+                await asyncio.sleep(self.period - (now - self.window[0][0]) + 0.01)
 
     @staticmethod
     def settle(entry: Optional[list], real_tokens: int):
@@ -181,7 +181,7 @@ class ChatClient:
         self.urls = [u.rstrip("/") for u in self.urls]
         self.cache = ResponseCache(self.cache_path) if self.cache_path else None
         self._next_url = 0
-        self._rate_window: collections.deque = collections.deque()
+        self._limiter = RateLimiter(self.rpm, self.tpm)
         # One event loop and one HTTP session for the client's life: connections opened by one stage
         # (questions) are reused by the next (answers, retries) instead of being opened again.
         self._loop = asyncio.new_event_loop()
@@ -260,7 +260,7 @@ class ChatClient:
 
     async def _complete_all(self, http, requests, desc) -> list[ChatResult]:
         """max_in_flight workers share one iterator over the requests: each takes the next one when free."""
-        limiter = RateLimiter(self.rpm, self.tpm, self._rate_window)
+        limiter = self._limiter
         results: list[Optional[ChatResult]] = [None] * len(requests)
         todo = iter(enumerate(requests))
         with tqdm(total=len(requests), desc=desc, unit="req", dynamic_ncols=True) as bar:

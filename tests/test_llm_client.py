@@ -1,11 +1,12 @@
 """The client against a scripted server over real HTTP: retries, fail-fast errors, cache, limits."""
+import asyncio
 import json
 import socket
 import time
 
 import pytest
 
-from llm_client import ChatClient, LLMFatalError, ResponseCache, cache_key
+from llm_client import ChatClient, LLMFatalError, RateLimiter, ResponseCache, cache_key
 from tests.fake_server import FakeOpenAI, Reply
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -139,13 +140,27 @@ def test_in_flight_bound_is_respected(fake):
     assert peak[0] <= 3 and len(fake.requests) == 12
 
 
-def test_rpm_limit_spaces_requests(fake):
-    client = client_for(fake, rpm=2)
-    # Two requests fit in the first minute window; a third would wait ~60 s. Check the window is enforced
-    # without waiting a minute: after two requests the limiter's window is full.
-    client.complete_all([([{"role": "user", "content": f"q{i}"}], {}) for i in range(2)], "t")
-    assert len(client._rate_window) == 2
-    assert all(entry[1] > 0 for entry in client._rate_window)      # settled with the real token usage
+def test_rpm_and_tpm_windows_make_requests_wait():
+    async def starts(limiter, estimates):
+        began = time.monotonic()
+        times = []
+        for estimate in estimates:
+            entry = await limiter.acquire(lambda: estimate)
+            times.append(time.monotonic() - began)
+            RateLimiter.settle(entry, estimate)
+        return times
+    # A 0.5 s window stands in for the minute: the third request waits for the first to leave the window.
+    by_requests = asyncio.run(starts(RateLimiter(rpm=2, tpm=0, period=0.5), [1, 1, 1]))
+    assert by_requests[1] < 0.1 and 0.45 < by_requests[2] < 0.8
+    by_tokens = asyncio.run(starts(RateLimiter(rpm=0, tpm=100, period=0.5), [60, 30, 20]))
+    assert by_tokens[1] < 0.1 and 0.45 < by_tokens[2] < 0.8
+    assert asyncio.run(RateLimiter(0, 0).acquire(lambda: 1 / 0)) is None     # no limit: no estimate either
+
+
+def test_client_settles_the_window_with_real_usage(fake):
+    client = client_for(fake, rpm=100)
+    client.complete_all([([{"role": "user", "content": f"q{i}"}], {"max_tokens": 1000}) for i in range(2)], "t")
+    assert [entry[1] < 1000 for entry in client._limiter.window] == [True, True]
 
 
 def test_cache_answers_a_rerun_without_sending(fake, tmp_path):
