@@ -1,0 +1,369 @@
+"""Fine-tune a chat model on RAFT data with FSDP2: one GPU, many GPUs, or CPU processes.
+
+  # the recipe: Llama 3 8B Instruct, full fine-tune on 8 GPUs
+  torchrun --nnodes 1 --nproc_per_node 8 finetune/finetuning.py --enable_fsdp --lr 1e-5 --context_length 8192 \
+      --num_epochs 1 --batch_size_training 1 --model_name meta-llama/Meta-Llama-3-8B-Instruct \
+      --dist_checkpoint_root_folder ./raft-8b --dist_checkpoint_folder fine-tuned \
+      --dataset raft --data_path output/raft.jsonl --run_validation True
+  # on a CPU, two processes over gloo
+  OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 finetune/finetuning.py --enable_fsdp ...
+  # or one plain process
+  python finetune/finetuning.py ...
+
+Each decoder layer, then the root, is sharded with fully_shard (FSDP2); NCCL on CUDA, gloo on CPU. Weights and
+optimizer state stay fp32 ("master weights"); --mixed_precision (default) computes in bf16. --pure_bf16 keeps
+the weights themselves in bf16: with AdamW at lr 1e-5 the updates then vanish below bf16's resolution and the
+model does not learn, so it is off by default. The loss is the mean over every answer token of an optimizer
+step, across micro-batches and ranks, so that it does not depend on how the tokens are batched.
+
+Checkpoints (torch.distributed.checkpoint, one shard per rank) go to <root>/<folder>/step_N with the step, the
+data position and the RNG state; --resume continues from the newest one with the same losses as an
+uninterrupted run. finetune/checkpoint_converter.py turns one into a Hugging Face folder.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))    # run as a script: the repo's modules
+
+from config import EVAL_SCHEMA, ConfigError, load_config  # noqa: E402
+from finetune.raft_dataset import IGNORE_INDEX, DataError, collate, encode, load_records, pack, unpacked  # noqa: E402
+
+
+def str2bool(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name", required=True, help="Hugging Face model folder or name, or a .gguf file")
+    p.add_argument("--dataset", default="raft", choices=["raft"])
+    p.add_argument("--data_path", nargs="+", required=True, help="one or more raft.jsonl files, used together")
+    p.add_argument("--prompt_config", default="raft_eval_config.yaml", help="YAML holding rag_prompt")
+    p.add_argument("--enable_fsdp", action="store_true", help="shard with FSDP2 (needed for more than one process)")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--weight_decay", type=float, default=0.0)
+    p.add_argument("--context_length", type=int, default=8192, help="tokens per row; longer examples are cut")
+    p.add_argument("--num_epochs", type=int, default=1)
+    p.add_argument("--batch_size_training", type=int, default=1, help="rows per micro-batch and process")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--batching_strategy", choices=["packing", "padding"], default="packing")
+    p.add_argument("--run_validation", type=str2bool, default=True)
+    p.add_argument("--val_split", type=float, default=0.1, help="share of records held out (seed 42 split)")
+    p.add_argument("--mixed_precision", type=str2bool, default=True, help="bf16 compute, fp32 master weights")
+    p.add_argument("--pure_bf16", action="store_true", help="bf16 weights too (does not learn at lr 1e-5)")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations: less memory")
+    p.add_argument("--use_fast_kernels", action="store_true", help="flash attention 2 where installed, else SDPA")
+    p.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps in all (0: no limit)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--dist_checkpoint_root_folder", default="checkpoints")
+    p.add_argument("--dist_checkpoint_folder", default="fine-tuned")
+    p.add_argument("--save_every", type=int, default=0, help="also checkpoint every N steps (0: at epoch ends)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the folder")
+    p.add_argument("--log_every", type=int, default=10, help="record the training loss every N steps")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """torchrun sets RANK/WORLD_SIZE; a plain process becomes a group of one, so the code path is the same."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def load_tokenizer_and_model(args, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    source, extra = args.model_name, {}
+    if source.endswith(".gguf"):
+        # dequantize=True: a GGUF model otherwise stays marked quantized, untrainable and unsaveable.
+        source, extra = str(Path(source).parent), {"gguf_file": Path(source).name,
+                                                   "quantization_config": GgufConfig(dequantize=True)}
+    tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in extra.items() if k == "gguf_file"})
+    attention = "sdpa"
+    if args.use_fast_kernels:
+        try:
+            import flash_attn  # noqa: F401
+            attention = "flash_attention_2"
+        except ImportError:
+            pass
+    dtype = torch.bfloat16 if args.pure_bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention, **extra)
+    model.config.use_cache = False     # a cache in training also hides packed rows from the attention mask
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    return tokenizer, model.to(device)
+
+
+def shard(model, args, world: int, device):
+    if world > 1 and not args.enable_fsdp:
+        raise DataError(f"{world} processes need --enable_fsdp")
+    if not args.enable_fsdp:
+        return model
+    mesh = init_device_mesh(device.type, (world,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if args.mixed_precision and not args.pure_bf16 else MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def build_rows(records, args, tokenizer, rank):
+    """Train and validation rows; the split and the encoding are the same on every rank."""
+    random.Random(42).shuffle(records)
+    n_val = int(len(records) * args.val_split) if args.run_validation else 0
+    rag_prompt = load_config(args.prompt_config, EVAL_SCHEMA)["rag_prompt"]
+    train = encode(records[n_val:], tokenizer, rag_prompt, args.context_length)
+    val = encode(records[:n_val], tokenizer, rag_prompt, args.context_length)
+    if not train.examples:
+        raise DataError(f"no training example fits --context_length {args.context_length} "
+                        f"({train.dropped} dropped whole): raise --context_length")
+    to_rows = pack if args.batching_strategy == "packing" else (lambda ex, _: unpacked(ex))
+    if rank == 0:
+        print(f"data: {len(records)} records, {len(train.examples)} train / {len(val.examples)} validation examples; "
+              f"{train.truncated + val.truncated} cut to {args.context_length} tokens, "
+              f"{train.dropped + val.dropped} dropped (answer beyond the context length)", flush=True)
+    return to_rows(train.examples, args.context_length), to_rows(val.examples, args.context_length), train, val
+
+
+def rank_batches(rows, epoch, args, rank, world) -> list[list[dict]]:
+    """This rank's micro-batches of an epoch: one shuffle per epoch, then every world-th row, evened out so
+    that every rank takes the same number of steps (collectives must match)."""
+    order = list(range(len(rows)))
+    random.Random(args.seed + epoch).shuffle(order)
+    per_rank = len(order) // world
+    mine = [rows[i] for i in order[rank * per_rank:(rank + 1) * per_rank]]
+    size = args.batch_size_training
+    return [mine[i:i + size] for i in range(0, len(mine) - size + 1, size)]
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+def forward_loss_sum(model, batch, strategy, device) -> torch.Tensor:
+    """Sum of the token losses of a micro-batch (divided later by the step's token count)."""
+    inputs = {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device)}
+    if strategy == "padding":
+        inputs["attention_mask"] = batch["attention_mask"].to(device)
+    # Packed rows get no attention mask: transformers then builds a block-diagonal one from position_ids.
+    logits = model(**inputs, use_cache=False).logits.float()
+    labels = batch["labels"].to(device)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def answer_tokens(batch) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def all_sum(value: float, device) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def train_step(model, optimizer, micro_batches, args, world, device) -> tuple[float, int]:
+    tokens = all_sum(sum(answer_tokens(b) for b in micro_batches), device)
+    loss_total = 0.0
+    for batch in micro_batches:
+        loss_sum = forward_loss_sum(model, batch, args.batching_strategy, device)
+        # FSDP averages gradients over ranks; scaling by world makes the result the mean over all tokens.
+        (loss_sum * world / tokens).backward()
+        loss_total += loss_sum.item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return all_sum(loss_total, device) / tokens, sum(int(b["attention_mask"].sum()) for b in micro_batches)
+
+
+@torch.no_grad()
+def validate(model, rows, args, rank, world, device, pad_id) -> float:
+    batches = rank_batches(rows, 0, argparse.Namespace(**{**vars(args), "batch_size_training": 1}), rank, world)
+    loss_sum, tokens = 0.0, 0
+    for rows_batch in batches:
+        batch = collate(rows_batch, pad_id)
+        loss_sum += forward_loss_sum(model, batch, args.batching_strategy, device).item()
+        tokens += answer_tokens(batch)
+    loss_sum, tokens = all_sum(loss_sum, device), all_sum(tokens, device)
+    return loss_sum / tokens if tokens else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+def save_checkpoint(folder: Path, model, optimizer, position: dict, rank: int):
+    target = folder / f"step_{position['step']}"
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(target))
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+               target / f"rng_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        (target / "position.json").write_text(json.dumps(position))
+        (folder / "latest.json").write_text(json.dumps({"path": target.name, **position}))
+
+
+def load_checkpoint(folder: Path, model, optimizer, rank: int) -> dict:
+    latest = json.loads((folder / "latest.json").read_text())
+    target = folder / latest["path"]
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(target))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng = torch.load(target / f"rng_rank{rank}.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
+    return latest
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux reports KiB
+
+
+def write_metrics(folder: Path, metrics: dict):
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if metrics["steps"]:
+        ax.plot([m["step"] for m in metrics["steps"]], [m["train_loss"] for m in metrics["steps"]], label="train")
+    validated = [m for m in metrics["epochs"] if m.get("val_loss") is not None]
+    if validated:
+        ax.plot([m["step"] for m in validated], [m["val_loss"] for m in validated], "o-", label="validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over answer tokens)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "loss.png", dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def train(args, rank, world, device):
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    folder = Path(args.dist_checkpoint_root_folder) / args.dist_checkpoint_folder
+    records = load_records(args.data_path)          # bad data fails before minutes of model loading
+    tokenizer, model = load_tokenizer_and_model(args, device)
+    train_rows, val_rows, train_enc, val_enc = build_rows(records, args, tokenizer, rank)
+    model = shard(model, args, world, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    position = {"step": 0, "epoch": 0, "batch": 0}
+    metrics = {"steps": [], "epochs": [], "truncated": train_enc.truncated + val_enc.truncated,
+               "dropped": train_enc.dropped + val_enc.dropped}
+    if args.resume and (folder / "latest.json").exists():
+        position = load_checkpoint(folder, model, optimizer, rank)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics["steps"] = [m for m in metrics["steps"] if m["step"] <= position["step"]]
+        if rank == 0:
+            print(f"resumed from {folder / position['path']} at step {position['step']}", flush=True)
+    elif rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        # What the converter needs besides the weights.
+        tokenizer.save_pretrained(folder / "hf_meta")
+        model.config.save_pretrained(folder / "hf_meta")
+        model.generation_config.save_pretrained(folder / "hf_meta")
+
+    accumulate = args.gradient_accumulation_steps
+    for epoch in range(position["epoch"], args.num_epochs):
+        batches = rank_batches(train_rows, epoch, args, rank, world)
+        steps_in_epoch = len(batches) // accumulate
+        if steps_in_epoch == 0:
+            raise DataError(f"too few training rows for {world} process(es) x batch {args.batch_size_training} "
+                            f"x {accumulate} accumulation steps: add data or lower them")
+        epoch_loss, epoch_steps, tokens_seen, started = 0.0, 0, 0, time.time()
+        for index in range(position["batch"], steps_in_epoch * accumulate, accumulate):
+            if args.max_steps and position["step"] >= args.max_steps:
+                break
+            micro = [collate(rows, pad_id) for rows in batches[index:index + accumulate]]
+            loss, tokens = train_step(model, optimizer, micro, args, world, device)
+            position = {"step": position["step"] + 1, "epoch": epoch, "batch": index + accumulate}
+            epoch_loss, epoch_steps, tokens_seen = epoch_loss + loss, epoch_steps + 1, tokens_seen + tokens
+            if position["step"] % args.log_every == 0 or position["step"] == 1:
+                rate = all_sum(tokens_seen, device) / (time.time() - started)
+                metrics["steps"].append({"step": position["step"], "epoch": epoch, "train_loss": loss})
+                if rank == 0:
+                    print(f"step {position['step']} epoch {epoch} loss {loss:.4f} | {rate:.0f} tokens/s | "
+                          f"peak memory {peak_memory_mb(device):.0f} MB (rank 0)", flush=True)
+            if args.save_every and position["step"] % args.save_every == 0:
+                save_checkpoint(folder, model, optimizer, position, rank)
+                if rank == 0:
+                    write_metrics(folder, metrics)
+        else:
+            # The epoch ran to its end: record it and start the next one at its first batch.
+            val_loss = validate(model, val_rows, args, rank, world, device, pad_id) if val_rows else None
+            train_loss = epoch_loss / max(epoch_steps, 1)
+            metrics["epochs"].append({"epoch": epoch, "step": position["step"], "train_loss": train_loss,
+                                      "train_perplexity": math.exp(train_loss), "val_loss": val_loss,
+                                      "val_perplexity": math.exp(val_loss) if val_loss is not None else None})
+            position = {"step": position["step"], "epoch": epoch + 1, "batch": 0}
+            if rank == 0:
+                print(f"epoch {epoch}: train loss {train_loss:.4f} (perplexity {math.exp(train_loss):.2f})"
+                      + (f", validation loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f})" if val_loss else ""),
+                      flush=True)
+            save_checkpoint(folder, model, optimizer, position, rank)
+            if rank == 0:
+                write_metrics(folder, metrics)
+            continue
+        break        # max_steps reached inside the epoch
+    if position["batch"]:                  # stopped inside an epoch: keep that point for --resume
+        save_checkpoint(folder, model, optimizer, position, rank)
+    if rank == 0:
+        metrics["peak_memory_mb_rank0"] = peak_memory_mb(device)
+        write_metrics(folder, metrics)
+        print(f"done: step {position['step']}, checkpoints in {folder}, metrics in {folder / 'metrics.json'}", flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank, world, device = init_distributed()
+    try:
+        train(args, rank, world, device)
+        return 0
+    except (DataError, ConfigError, OSError) as e:
+        if rank == 0:            # every rank meets the same error: say it once
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""finetune/: a tiny random Llama with SmolLM2's tokenizer, trained for real with torchrun (2 ranks, gloo)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from finetune.finetuning import forward_loss_sum
+from finetune.raft_dataset import collate, encode, pack, unpacked
+from tests.conftest import ROOT
+from tests.test_raft_dataset import GGUF
+
+FINETUNE = str(ROOT / "finetune" / "finetuning.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A randomly initialised 2-layer Llama saved as a Hugging Face folder, with SmolLM2's real tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_records(path, n=12):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"seed_task_{i}", "question": f"What is fact {i}?",
+                                "instruction": f"<DOCUMENT>Fact {i}: the value is {i * 7}.</DOCUMENT>\nWhat is fact {i}?",
+                                "cot_answer": f"##begin_quote## Fact {i}: the value is {i * 7}. ##end_quote## "
+                                              f"<ANSWER>: {i * 7}"}) + "\n")
+    return str(path)
+
+
+def torchrun(*args, nproc=2, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           FINETUNE, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def common(model, data, root, *extra):
+    return ["--enable_fsdp", "--model_name", str(model), "--dataset", "raft", "--data_path", data,
+            "--dist_checkpoint_root_folder", str(root), "--dist_checkpoint_folder", "fine-tuned",
+            "--context_length", "256", "--lr", "3e-3", "--log_every", "1", "--val_split", "0.25", *extra]
+
+
+def test_two_rank_fsdp_run_overfits_and_writes_metrics(tiny_model, tmp_path):
+    data = write_records(tmp_path / "raft.jsonl")
+    run = torchrun(*common(tiny_model, data, tmp_path / "ckpt", "--num_epochs", "4", "--batching_strategy", "padding"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    folder = tmp_path / "ckpt" / "fine-tuned"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    losses = [m["train_loss"] for m in metrics["steps"]]
+    assert len(losses) == 4 * 4                  # 9 train examples / 2 ranks = 4 steps an epoch, 4 epochs
+    assert losses[-1] < 0.6 * losses[0]
+    assert len(metrics["epochs"]) == 4 and all(m["val_perplexity"] > 1 for m in metrics["epochs"])
+    assert metrics["epochs"][-1]["val_loss"] < metrics["epochs"][0]["val_loss"]
+    assert (folder / "loss.png").stat().st_size > 1000
+    assert (folder / "latest.json").exists() and "tokens/s" in run.stdout and "peak memory" in run.stdout
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tiny_model, tmp_path):
+    data = write_records(tmp_path / "raft.jsonl", n=16)
+    straight = torchrun(*common(tiny_model, data, tmp_path / "a", "--num_epochs", "2", "--max_steps", "6"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = torchrun(*common(tiny_model, data, tmp_path / "b", "--num_epochs", "2", "--max_steps", "3"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = torchrun(*common(tiny_model, data, tmp_path / "b", "--num_epochs", "2", "--max_steps", "6", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    losses = lambda root: [m["train_loss"] for m in json.loads((root / "fine-tuned" / "metrics.json").read_text())["steps"]]
+    assert len(losses(tmp_path / "a")) == 6
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+
+
+def test_conversion_round_trip_loads_and_generates(tiny_model, tmp_path):
+    data = write_records(tmp_path / "raft.jsonl")
+    run = torchrun(*common(tiny_model, data, tmp_path / "ckpt", "--max_steps", "2"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "hf"
+    done = subprocess.run([sys.executable, str(ROOT / "finetune" / "checkpoint_converter.py"), "--fsdp_checkpoint_path",
+                           str(tmp_path / "ckpt" / "fine-tuned"), "--consolidated_model_path", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    original = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, original.model.layers[0].mlp.up_proj.weight)
+    assert tokenizer.chat_template and (out / "model.safetensors").exists() and (out / "generation_config.json").exists()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is fact 3?"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    generated = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 5
+
+
+def test_packing_and_padding_give_the_same_loss(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from config import EVAL_SCHEMA, load_config
+    from finetune.raft_dataset import load_records
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    rag_prompt = load_config(str(ROOT / "raft_eval_config.yaml"), EVAL_SCHEMA)["rag_prompt"]
+    examples = encode(load_records([write_records(tmp_path / "r.jsonl", n=4)]), tokenizer, rag_prompt, 1024).examples
+    tokens = sum(sum(label != -100 for label in labels[1:]) for _, labels in examples)
+    with torch.no_grad():
+        packed = forward_loss_sum(model, collate(pack(examples, 1024), tokenizer.pad_token_id), "packing", "cpu")
+        padded = forward_loss_sum(model, collate(unpacked(examples), tokenizer.pad_token_id), "padding", "cpu")
+    assert len(pack(examples, 1024)) == 1
+    assert torch.allclose(packed / tokens, padded / tokens, atol=1e-5), (packed / tokens, padded / tokens)
+
+
+def test_bad_input_is_one_message_from_rank_zero(tiny_model, tmp_path):
+    run = torchrun(*common(tiny_model, str(tmp_path / "missing.jsonl"), tmp_path / "ckpt"))
+    assert run.returncode != 0
+    # One line from rank 0; the only traceback is torchrun's own report that a child failed, none from the ranks.
+    assert run.stderr.count("error: data file") == 1 and "finetuning.py\", line" not in run.stderr
+    plain = subprocess.run([sys.executable, FINETUNE, "--model_name", str(tiny_model), "--data_path", str(tmp_path / "x"),
+                            "--dist_checkpoint_root_folder", str(tmp_path / "c")], capture_output=True, text=True)
+    assert plain.returncode == 2 and plain.stderr.strip().splitlines()[-1].startswith("error: data file")
