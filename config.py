@@ -58,6 +58,17 @@ def chat_messages(*placeholders: str) -> Callable[[Any], Optional[str]]:
     return check
 
 
+def fill_prompt(messages: list[dict], **values) -> list[dict]:
+    """Put values into a prompt's {placeholders}; plain replacement, so other braces in a prompt are safe."""
+    filled = []
+    for m in messages:
+        content = m["content"]
+        for name, value in values.items():
+            content = content.replace("{" + name + "}", str(value))
+        filled.append({"role": m["role"], "content": content})
+    return filled
+
+
 def _type_name(kind) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join({int: "an integer", float: "a number", str: "a string", bool: "true/false",

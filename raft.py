@@ -20,9 +20,9 @@ from pathlib import Path
 import datasets
 
 import format as formats
-from config import RAFT_SCHEMA, TOOLKIT_VERSION, ConfigError, apply_overrides, load_config
+from config import RAFT_SCHEMA, TOOLKIT_VERSION, ConfigError, apply_overrides, fill_prompt, load_config
 from llm_client import ChatClient, LLMFatalError, public_host
-from raft_utils import (QA, AssemblySettings, InputError, assemble, chunks_needed, fill_prompt, final_answer,
+from raft_utils import (QA, AssemblySettings, InputError, assemble, chunks_needed, final_answer,
                         load_documents, normalise, parse_questions, quotes_verified, split_documents)
 
 DEFAULT_URL = "http://localhost:8001/v1"

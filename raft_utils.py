@@ -157,18 +157,6 @@ def split_documents(documents: list[Document], chunk_size: int) -> tuple[list[Ch
 # ============================================================================ parse
 
 
-def fill_prompt(messages: list[dict], **values) -> list[dict]:
-    """Put values into a prompt's {placeholders}; plain replacement, so other braces in a prompt are safe."""
-    filled = []
-    for m in messages:
-        content = m["content"]
-        for name, value in values.items():
-            content = content.replace("{" + name + "}", str(value))
-        filled.append({"role": m["role"], "content": content})
-    return filled
-
-
-
 _LIST_MARKER = re.compile(r"^\s*(?:[-*•]+|\(?\d{1,3}[.)\]:]|q\d{1,3}[.):]|question\s*\d{0,3}\s*[.):])\s*", re.I)
 _QUOTES = "\"'“”‘’`"
 

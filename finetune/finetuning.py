@@ -79,6 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--dist_checkpoint_folder", default="fine-tuned")
     p.add_argument("--save_every", type=int, default=0, help="also checkpoint every N steps (0: at epoch ends)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the folder")
+    p.add_argument("--save_checkpoints", type=str2bool, default=True, help="False for a throughput measurement")
     p.add_argument("--log_every", type=int, default=10, help="record the training loss every N steps")
     return p.parse_args(argv)
 
@@ -308,7 +309,7 @@ def train(args, rank, world, device):
         if steps_in_epoch == 0:
             raise DataError(f"too few training rows for {world} process(es) x batch {args.batch_size_training} "
                             f"x {accumulate} accumulation steps: add data or lower them")
-        epoch_loss, epoch_steps, tokens_seen, started = 0.0, 0, 0, time.time()
+        epoch_loss, epoch_steps, tokens_seen, started = 0.0, 0, 0, time.time()   # tokens and time since the last log
         for index in range(position["batch"], steps_in_epoch * accumulate, accumulate):
             if args.max_steps and position["step"] >= args.max_steps:
                 break
@@ -317,12 +318,15 @@ def train(args, rank, world, device):
             position = {"step": position["step"] + 1, "epoch": epoch, "batch": index + accumulate}
             epoch_loss, epoch_steps, tokens_seen = epoch_loss + loss, epoch_steps + 1, tokens_seen + tokens
             if position["step"] % args.log_every == 0 or position["step"] == 1:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
                 rate = all_sum(tokens_seen, device) / (time.time() - started)
+                tokens_seen, started = 0, time.time()
                 metrics["steps"].append({"step": position["step"], "epoch": epoch, "train_loss": loss})
                 if rank == 0:
-                    print(f"step {position['step']} epoch {epoch} loss {loss:.4f} | {rate:.0f} tokens/s | "
+                    print(f"step {position['step']} epoch {epoch} loss {loss:.4f} | {rate:.0f} tokens/s since the last log | "
                           f"peak memory {peak_memory_mb(device):.0f} MB (rank 0)", flush=True)
-            if args.save_every and position["step"] % args.save_every == 0:
+            if args.save_checkpoints and args.save_every and position["step"] % args.save_every == 0:
                 save_checkpoint(folder, model, optimizer, position, rank)
                 if rank == 0:
                     write_metrics(folder, metrics)
@@ -338,12 +342,13 @@ def train(args, rank, world, device):
                 print(f"epoch {epoch}: train loss {train_loss:.4f} (perplexity {math.exp(train_loss):.2f})"
                       + (f", validation loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f})" if val_loss else ""),
                       flush=True)
-            save_checkpoint(folder, model, optimizer, position, rank)
+            if args.save_checkpoints:
+                save_checkpoint(folder, model, optimizer, position, rank)
             if rank == 0:
                 write_metrics(folder, metrics)
             continue
         break        # max_steps reached inside the epoch
-    if position["batch"]:                  # stopped inside an epoch: keep that point for --resume
+    if position["batch"] and args.save_checkpoints:    # stopped inside an epoch: keep that point for --resume
         save_checkpoint(folder, model, optimizer, position, rank)
     if rank == 0:
         metrics["peak_memory_mb_rank0"] = peak_memory_mb(device)

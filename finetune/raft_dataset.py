@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raft_utils import fill_prompt
+from config import fill_prompt
 
 IGNORE_INDEX = -100          # the label PyTorch's cross-entropy skips
 REQUIRED_FIELDS = ("instruction", "cot_answer")
