@@ -47,7 +47,7 @@ def model_flops_per_token(config, mean_length: float) -> float:
 def run(args, name, data, model_dir, work) -> dict:
     cmd = [sys.executable, str(ROOT / "finetune" / "finetuning.py"), "--enable_fsdp", "--model_name", str(model_dir),
            "--data_path", str(data), "--context_length", str(args.seq), "--batching_strategy", "packing",
-           "--max_steps", str(args.steps), "--batch_size_training", str(args.batch), "--log_every", "10", "--run_validation", "False", "--lr", "1e-5",
+           "--max_steps", str(args.steps), "--num_epochs", "10", "--batch_size_training", str(args.batch), "--log_every", "10", "--run_validation", "False", "--lr", "1e-5",
            "--save_checkpoints", "False", "--dist_checkpoint_root_folder", str(work / "ckpt"),
            "--dist_checkpoint_folder", name]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
