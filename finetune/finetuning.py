@@ -158,14 +158,13 @@ def build_rows(records, args, tokenizer, rank):
     return to_rows(train.examples, args.context_length), to_rows(val.examples, args.context_length), train, val
 
 
-def rank_batches(rows, epoch, args, rank, world) -> list[list[dict]]:
-    """This rank's micro-batches of an epoch: one shuffle per epoch, then every world-th row, evened out so
-    that every rank takes the same number of steps (collectives must match)."""
+def rank_batches(rows, shuffle_seed: int, size: int, rank: int, world: int) -> list[list[dict]]:
+    """This rank's micro-batches: one shuffle per epoch, then an equal slice per rank, so that every rank
+    takes the same number of steps (collectives must match)."""
     order = list(range(len(rows)))
-    random.Random(args.seed + epoch).shuffle(order)
+    random.Random(shuffle_seed).shuffle(order)
     per_rank = len(order) // world
     mine = [rows[i] for i in order[rank * per_rank:(rank + 1) * per_rank]]
-    size = args.batch_size_training
     return [mine[i:i + size] for i in range(0, len(mine) - size + 1, size)]
 
 
@@ -208,7 +207,7 @@ def train_step(model, optimizer, micro_batches, args, world, device) -> tuple[fl
 
 @torch.no_grad()
 def validate(model, rows, args, rank, world, device, pad_id) -> float:
-    batches = rank_batches(rows, 0, argparse.Namespace(**{**vars(args), "batch_size_training": 1}), rank, world)
+    batches = rank_batches(rows, 0, 1, rank, world)
     loss_sum, tokens = 0.0, 0
     for rows_batch in batches:
         batch = collate(rows_batch, pad_id)
@@ -306,7 +305,7 @@ def train(args, rank, world, device):
 
     accumulate = args.gradient_accumulation_steps
     for epoch in range(position["epoch"], args.num_epochs):
-        batches = rank_batches(train_rows, epoch, args, rank, world)
+        batches = rank_batches(train_rows, args.seed + epoch, args.batch_size_training, rank, world)
         steps_in_epoch = len(batches) // accumulate
         if steps_in_epoch == 0:
             raise DataError(f"too few training rows for {world} process(es) x batch {args.batch_size_training} "
