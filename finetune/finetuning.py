@@ -287,7 +287,7 @@ def train(args, rank, world, device):
                                   fused=device.type == "cuda")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    position = {"step": 0, "epoch": 0, "batch": 0}
+    position = {"step": 0, "epoch": 0, "batch": 0}     # where the next step starts
     metrics = {"steps": [], "epochs": [], "truncated": train_enc.truncated + val_enc.truncated,
                "dropped": train_enc.dropped + val_enc.dropped}
     if args.resume and (folder / "latest.json").exists():
@@ -310,14 +310,17 @@ def train(args, rank, world, device):
         if steps_in_epoch == 0:
             raise DataError(f"too few training rows for {world} process(es) x batch {args.batch_size_training} "
                             f"x {accumulate} accumulation steps: add data or lower them")
-        epoch_loss, epoch_steps, tokens_seen, started = 0.0, 0, 0, time.time()   # tokens and time since the last log
+        # A run resumed inside an epoch carries the epoch's loss so far, so its mean matches an uninterrupted run.
+        epoch_loss, epoch_steps = (position["epoch_loss"], position["epoch_steps"]) if position["batch"] else (0.0, 0)
+        tokens_seen, started = 0, time.time()       # since the last log line
         for index in range(position["batch"], steps_in_epoch * accumulate, accumulate):
             if args.max_steps and position["step"] >= args.max_steps:
                 break
             micro = [collate(rows, pad_id) for rows in batches[index:index + accumulate]]
             loss, tokens = train_step(model, optimizer, micro, args, world, device)
-            position = {"step": position["step"] + 1, "epoch": epoch, "batch": index + accumulate}
             epoch_loss, epoch_steps, tokens_seen = epoch_loss + loss, epoch_steps + 1, tokens_seen + tokens
+            position = {"step": position["step"] + 1, "epoch": epoch, "batch": index + accumulate,
+                        "epoch_loss": epoch_loss, "epoch_steps": epoch_steps}
             if position["step"] % args.log_every == 0 or position["step"] == 1:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
