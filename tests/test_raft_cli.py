@@ -7,7 +7,6 @@ import sys
 import time
 
 import datasets
-import pytest
 import yaml
 
 import raft
