@@ -260,26 +260,25 @@ class ChatClient:
 
     async def _complete_all(self, http, requests, desc) -> list[ChatResult]:
         """max_in_flight workers share one iterator over the requests: each takes the next one when free."""
-        limiter = self._limiter
         results: list[Optional[ChatResult]] = [None] * len(requests)
         todo = iter(enumerate(requests))
         with tqdm(total=len(requests), desc=desc, unit="req", dynamic_ncols=True) as bar:
             async def worker():
                 for index, (messages, params) in todo:
-                    results[index] = await self._complete_one(http, limiter, messages, params)
+                    results[index] = await self._complete_one(http, messages, params)
                     if bar.update(1):   # True when redrawn: only then is the token count worth formatting
                         bar.set_postfix(tokens=self.usage.prompt_tokens + self.usage.completion_tokens, refresh=False)
             await asyncio.gather(*(worker() for _ in range(min(self.max_in_flight, len(requests)))))
         return results
 
-    async def _complete_one(self, http, limiter, messages, params) -> ChatResult:
+    async def _complete_one(self, http, messages, params) -> ChatResult:
         key = cache_key(self.model, messages, params) if self.cache else None
         hit = self.cache.get(key) if self.cache else None
         if hit:
             self.usage.cached += 1
             return ChatResult(hit["text"], hit["prompt_tokens"], hit["completion_tokens"], cached=True)
         body = {"model": self.model, "messages": list(messages), **params}
-        entry = await limiter.acquire(lambda: len(json.dumps(messages)) // 4 + int(params.get("max_tokens", 0)))
+        entry = await self._limiter.acquire(lambda: len(json.dumps(messages)) // 4 + int(params.get("max_tokens", 0)))
         try:
             text, prompt_tokens, completion_tokens = await self._send_with_retries(
                 http, "POST", None, "/chat/completions", body, self._parse_chat)

@@ -71,13 +71,14 @@ def ask_questions(client, cfg, chunks, stats) -> list[tuple[int, str]]:
         for question in parse_questions(result.text):
             if kept == cfg["questions_per_chunk"]:
                 break
-            if normalise(question) in example:
+            key = normalise(question)
+            if key in example:
                 stats["dropped"]["question copied from the prompt's example"] += 1
                 continue
-            if normalise(question) in seen:
+            if key in seen:
                 stats["dropped"]["duplicate question"] += 1
                 continue
-            seen.add(normalise(question))
+            seen.add(key)
             pairs.append((index, question))
             kept += 1
         if not kept:
