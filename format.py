@@ -15,8 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-import datasets
-
 FORMATS = ("hf", "completion", "chat")
 TYPES = ("jsonl", "parquet")
 REQUIRED_FIELDS = ("instruction", "cot_answer")
@@ -49,34 +47,44 @@ def write(records: list[dict], path: str, output_format: str = "hf", output_type
         with open(target, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     else:
+        import datasets     # here, not at the top: the trainer reads JSONL through this module without it
         datasets.Dataset.from_list(rows).to_parquet(str(target))
     return target
 
 
-def read(path: str, input_type: str) -> list[dict]:
-    """Records from a save_to_disk folder (arrow) or a JSONL file; a clear ValueError on bad input."""
+def read(path: str, input_type: str = "jsonl") -> list[dict]:
+    """RAFT records from a save_to_disk folder (arrow) or a JSONL file; a ValueError naming the file, line and
+    problem on bad input. raft_eval.py (eval drafts) and the trainer read raft.jsonl through here too."""
     if not Path(path).exists():
-        raise ValueError(f"input {path} does not exist")
+        raise ValueError(f"{path} not found: pass a RAFT dataset written by raft.py")
     if input_type == "arrow":
+        import datasets
         try:
             records = datasets.load_from_disk(path).to_list()
         except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"input {path} is not a dataset folder written by save_to_disk ({e})") from None
     else:
-        records = []
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        raise ValueError(f"{path}, line {number}: not valid JSON") from None
+        records = _read_jsonl(path)
     if not records:
-        raise ValueError(f"input {path} holds no records")
-    for number, record in enumerate(records, 1):
-        missing = [k for k in REQUIRED_FIELDS if k not in record]
-        if missing:
-            raise ValueError(f"{path}, record {number}: missing field(s) {', '.join(missing)}: not a RAFT dataset")
+        raise ValueError(f"{path} is empty: it holds no RAFT records")
+    return records
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}, line {number}: not valid JSON") from None
+            missing = [k for k in REQUIRED_FIELDS if not isinstance(record, dict) or not isinstance(record.get(k), str)]
+            if missing:
+                raise ValueError(f"{path}, line {number}: missing field(s) {', '.join(missing)}: "
+                                 "not a RAFT record (see design.md, section 2)")
+            records.append(record)
     return records
 
 

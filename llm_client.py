@@ -238,7 +238,7 @@ class ChatClient:
                                     "is -u the base URL of an OpenAI-compatible server?") from None
             if self.model and served and self.model not in served:
                 raise LLMFatalError(f"model '{self.model}' is not served at {public_host(url)}; it serves: "
-                                    f"{', '.join(served)}. Pass one of them with -m")
+                                    f"{', '.join(served)}: use one of these names")
             if not self.model:
                 if len(served) != 1:
                     raise LLMFatalError(f"{public_host(url)} serves {len(served)} models "

@@ -7,14 +7,12 @@ the labels of everything before are -100. Where the answer starts is read off th
 hard-coded token ids; labels are built from lengths, never by masking pad ids (SmolLM2's pad token is its
 end-of-turn token, which must be learnt).
 """
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
+import format as formats
 from config import fill_prompt
 
 IGNORE_INDEX = -100          # the label PyTorch's cross-entropy skips
-REQUIRED_FIELDS = ("instruction", "cot_answer")
 
 
 class DataError(Exception):
@@ -23,28 +21,10 @@ class DataError(Exception):
 
 def load_records(paths: list[str]) -> list[dict]:
     """RAFT records from one or more JSONL files (the recipe's best model was trained on two sets combined)."""
-    records = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise DataError(f"data file {path} not found: pass raft.jsonl files written by raft.py with --data_path")
-        count = 0
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    raise DataError(f"{path}, line {number}: not valid JSON") from None
-                missing = [k for k in REQUIRED_FIELDS if not isinstance(record.get(k), str)]
-                if missing:
-                    raise DataError(f"{path}, line {number}: missing field(s) {', '.join(missing)}: "
-                                    "not a RAFT record (see design.md, section 2)")
-                records.append(record)
-                count += 1
-        if not count:
-            raise DataError(f"data file {path} is empty")
-    return records
+    try:
+        return [record for path in paths for record in formats.read(path, "jsonl")]
+    except ValueError as e:
+        raise DataError(f"{e} (--data_path)") from None
 
 
 def to_messages(record: dict, rag_prompt: list[dict]) -> list[dict]:

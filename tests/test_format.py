@@ -49,7 +49,7 @@ def test_cli_from_arrow_to_chat_jsonl_and_parquet(tmp_path):
     assert table == [{"prompt": r["instruction"], "completion": r["cot_answer"]} for r in RECORDS]
 
 
-@pytest.mark.parametrize("content, message", [(None, "does not exist"), ("", "holds no records"),
+@pytest.mark.parametrize("content, message", [(None, "not found"), ("", "is empty"),
                                               ("{not json\n", "line 1: not valid JSON")])
 def test_cli_bad_input_is_one_line(tmp_path, content, message):
     path = tmp_path / "in.jsonl"

@@ -94,7 +94,7 @@ def test_rejected_key_fails_fast_without_echoing_the_key():
 
 
 def test_unknown_model_and_model_discovery(fake):
-    with pytest.raises(LLMFatalError, match="model 'llama-70b' is not served .* it serves: teacher. Pass one of them with -m"):
+    with pytest.raises(LLMFatalError, match="model 'llama-70b' is not served .* it serves: teacher: use one of these names"):
         ChatClient([fake.url], model="llama-70b").preflight()
     assert ChatClient([fake.url]).preflight() == "teacher"       # the only model served
     with FakeOpenAI(models=("a", "b")) as two:
