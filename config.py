@@ -1,4 +1,4 @@
-"""Loading and validating the YAML configs (raft.yaml, later raft_eval_config.yaml).
+"""Loading and validating the YAML configs (raft.yaml, raft_eval_config.yaml).
 
 A config file must hold exactly the keys of its schema: a missing key, an unknown key (usually a typo),
 a wrong type or a value out of range is a ConfigError whose message names the file and the key.
@@ -34,6 +34,11 @@ def non_negative(value) -> Optional[str]:
 
 def positive(value) -> Optional[str]:
     return None if value > 0 else f"must be greater than 0, got {value}"
+
+
+def positive_ints(value) -> Optional[str]:
+    ok = value and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    return None if ok else f"must be a non-empty list of whole numbers greater than 0, got {value!r}"
 
 
 def one_of(*choices) -> Callable[[Any], Optional[str]]:
@@ -155,7 +160,29 @@ RAFT_SCHEMA: dict[str, Key] = {
 }
 
 
-# The keys of raft_eval_config.yaml known so far (the RAG prompt, shared by evaluation, chat and fine-tuning).
+# The schema of raft_eval_config.yaml (evaluation and chat; rag_prompt also for fine-tuning).
 EVAL_SCHEMA: dict[str, Key] = {
+    "eval_file": Key(str),
+    "data_dir": Key(str),
+    "xml_path": Key(str),
+    "verify_ssl": Key(bool),
+    "chunk_size": Key(int, positive),
+    "rag_topk": Key(list, positive_ints),
+    "retriever": Key(str, one_of("hybrid", "dense", "bm25")),
+    "embedding_model": Key(str),
+    "embedding_batch_size": Key(int, positive),
+    "index_cache": Key(str),
+    "temperature": Key(float, non_negative),
+    "answer_max_tokens": Key(int, positive),
+    "judge_max_tokens": Key(int, positive),
+    "raft_config": Key(str),
+    "max_in_flight": Key(int, positive),
+    "request_timeout": Key(float, positive),
+    "max_retries": Key(int, non_negative),
+    "rpm": Key(int, non_negative),
+    "tpm": Key(int, non_negative),
+    "output": Key(str),
+    "model_prompt": Key(list, chat_messages("question")),
     "rag_prompt": Key(list, chat_messages("instruction")),
+    "judge_prompt": Key(list, chat_messages("question", "gold_answer", "answer")),
 }

@@ -166,6 +166,17 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+# Words that carry no content: left out of keyword search (BM25) and of the answer-support check.
+STOPWORDS = frozenset("""a an and are as at be been but by can could did do does for from had has have how i if in
+into is it its may might more most no not of on or our so such than that the their them then there these they this
+those to was we were what when where which who whom whose why will with would yes you your""".split())
+
+
+def content_words(text: str) -> list[str]:
+    """Lower-case words and numbers (version numbers such as 3.1 kept whole) that are not stopwords."""
+    return [w for w in re.findall(r"[a-z0-9]+(?:[.'][a-z0-9]+)*", text.lower()) if w not in STOPWORDS]
+
+
 _ASKING = re.compile(r"^(what|which|who|whom|whose|when|where|why|how|is|are|was|were|can|could|does|do|did|"
                      r"should|will|would|may|explain|describe|list|name|give|compare)\b", re.I)
 _SELF_REFERENCE = re.compile(r"\bthis (document|passage|text|context|chunk|excerpt)\b|"
@@ -234,6 +245,12 @@ def chunks_needed(s: AssemblySettings) -> int:
     return 1 + s.num_distract_docs + spare
 
 
+def instruction(docs: list[str], question: str) -> str:
+    """The documents and the question in the RAFT record's form: what the student sees in training, in the
+    evaluation's RAG answers and in chat."""
+    return "".join(f"<DOCUMENT>{d}</DOCUMENT>\n" for d in docs) + question
+
+
 def _record(row: int, prefix: str, question: str, docs: list[str], oracle: Chunk, answer: str,
             oracle_present: bool, verified: Optional[bool]) -> dict:
     return {
@@ -243,7 +260,7 @@ def _record(row: int, prefix: str, question: str, docs: list[str], oracle: Chunk
         "context": {"title": [["placeholder_title"] * len(docs)], "sentences": [docs]},
         "oracle_context": oracle.text,
         "cot_answer": answer,
-        "instruction": "".join(f"<DOCUMENT>{d}</DOCUMENT>\n" for d in docs) + question,
+        "instruction": instruction(docs, question),
         "source": oracle.source,
         "oracle_present": oracle_present,
         "quotes_verified": verified,

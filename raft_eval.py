@@ -1,0 +1,327 @@
+"""Evaluate a fine-tuned model against baselines, with and without retrieval, and write a report with plots.
+
+  python raft_eval.py -m raft-8b -u http://localhost:8000/v1 -j http://localhost:8001/v1 -r 5
+  python raft_eval.py -m raft-8b -u http://gpu1:8000/v1 -r 3 5 7 \\
+      --baseline meta-llama/Meta-Llama-3-8B-Instruct=http://gpu2:8000/v1 \\
+      --baseline meta-llama/Meta-Llama-3-70B-Instruct=http://gpu3:8001/v1 -j http://gpu3:8001/v1
+  python raft_eval.py --draft_from output/raft.jsonl --draft_size 50     # a draft eval file to curate
+
+Every system (the model under test and each --baseline NAME=URL, NAME being the served model name) answers each
+question of the eval file from its own knowledge and with the top-k chunks the retriever finds in the documents
+(the same loaders and chunking as raft.py), for each k of -r. The judge model grades every answer against the gold
+answer (YES/NO). Written to -o: metrics.json, questions.jsonl (every answer, verdict and retrieved source),
+report.md and the plots. Every reply is cached there: run the same command again after a crash or Ctrl-C and it
+resumes. Settings live in raft_eval_config.yaml (-c); the flags below override them.
+"""
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import format as formats
+import metrics
+import report
+from config import EVAL_SCHEMA, RAFT_SCHEMA, TOOLKIT_VERSION, ConfigError, apply_overrides, fill_prompt, load_config
+from llm_client import ChatClient, LLMFatalError, public_host
+from raft_utils import InputError, final_answer, instruction, load_documents, split_documents
+from retrieval import KINDS, build_retrievers
+
+DEFAULT_URL = "http://localhost:8000/v1"
+DEFAULT_JUDGE_URL = "http://localhost:8001/v1"
+SUPPORT_KS = (1, 3, 5, 7)      # answer-support recall is reported at these k (and at every k of -r)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", default="raft_eval_config.yaml", help="settings file (default raft_eval_config.yaml)")
+    p.add_argument("-m", "--model", help="served name of the model under test (default: the only model at -u)")
+    p.add_argument("-u", "--url", default=DEFAULT_URL, help=f"its API base URL (default {DEFAULT_URL})")
+    p.add_argument("-k", "--api_key", default="EMPTY", help="API key; the API_KEY environment variable wins over it")
+    p.add_argument("-j", "--judge_url", default=DEFAULT_JUDGE_URL, help=f"judge API base URL (default {DEFAULT_JUDGE_URL})")
+    p.add_argument("--judge_model", help="judge model name (default: the only model at -j)")
+    p.add_argument("--baseline", action="append", default=[], metavar="NAME=URL",
+                   help="a baseline system: served model name and its API base URL; repeatable")
+    p.add_argument("-r", "--rag_topk", type=int, nargs="+", help="chunks retrieved per question; several = a sweep")
+    p.add_argument("-d", "--data_dir", help="documents folder")
+    p.add_argument("-o", "--output", help="output folder")
+    p.add_argument("--chunk_size", type=int, help="characters per chunk (keep it equal to raft.py's)")
+    p.add_argument("--eval_file", help="JSON list of {question, answer}")
+    p.add_argument("--retriever", help=f"one of {', '.join(KINDS)}")
+    p.add_argument("--limit", type=int, help="evaluate the first N questions only (a quick trial)")
+    p.add_argument("--insecure", action="store_const", const=False, dest="verify_ssl",
+                   help="do not verify TLS certificates of sitemap pages")
+    p.add_argument("--max_in_flight", type=int, help="requests in flight at once per server")
+    p.add_argument("--rpm", type=int, help="requests per minute limit per server")
+    p.add_argument("--tpm", type=int, help="tokens per minute limit per server")
+    p.add_argument("--timeout", type=float, dest="request_timeout", help="seconds per request")
+    p.add_argument("--max_retries", type=int)
+    p.add_argument("--draft_from", help="write a draft eval file from this RAFT dataset (JSONL or save_to_disk "
+                                        "folder) and stop")
+    p.add_argument("--draft_size", type=int, default=50, help="questions in the draft (default 50)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the draft's sample (default 42)")
+    return p.parse_args(argv)
+
+
+# ---- the eval file ------------------------------------------------------------------------------------
+def read_eval_file(path: str) -> list[dict]:
+    """The eval file's {question, answer} items; an InputError naming the file and the item otherwise."""
+    try:
+        items = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"eval file {path} not found: pass --eval_file, or write a draft with --draft_from") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"eval file {path} is not valid JSON ({e}): it must be a list of "
+                         '{"question": ..., "answer": ...}') from None
+    if not isinstance(items, list) or not items:
+        raise InputError(f"eval file {path} must be a non-empty JSON list of {{\"question\": ..., \"answer\": ...}}")
+    for number, item in enumerate(items, 1):
+        if not (isinstance(item, dict) and all(isinstance(item.get(k), str) and item[k].strip()
+                                               for k in ("question", "answer"))):
+            raise InputError(f"eval file {path}, item {number}: needs non-empty 'question' and 'answer' strings")
+    return [{"question": item["question"], "answer": item["answer"]} for item in items]
+
+
+def eval_draft(records: list[dict], size: int, seed: int) -> list[dict]:
+    """A seeded sample of the dataset's questions with the text after <ANSWER>: as the answer; refusal examples
+    and repeated questions left out."""
+    candidates, seen = [], set()
+    for record in records:
+        answer = final_answer(record["cot_answer"])
+        if str(record.get("id", "")).startswith("refusal_task") or not answer or record.get("question") in seen:
+            continue
+        seen.add(record.get("question"))
+        candidates.append({"question": record.get("question", ""), "answer": answer})
+    return random.Random(seed).sample(candidates, min(size, len(candidates)))
+
+
+def write_draft(args, output: Path) -> int:
+    source = args.draft_from
+    try:
+        records = formats.read(source, "arrow" if Path(source).is_dir() else "jsonl")
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    draft = eval_draft(records, args.draft_size, args.seed)
+    if not draft:
+        raise InputError(f"{source} has no example with a question and an <ANSWER>: to draft from")
+    output.mkdir(parents=True, exist_ok=True)
+    target = output / "eval_draft.json"
+    target.write_text(json.dumps(draft, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {len(draft)} questions (of {len(records)} records) to {target}: check every answer against the "
+          "documents, fix or drop the wrong ones, then pass it with --eval_file")
+    return 0
+
+
+# ---- answering and judging ------------------------------------------------------------------------------
+def parse_baseline(spec: str) -> tuple[str, str]:
+    name, sep, url = spec.partition("=")
+    if not sep or not name or not url.startswith(("http://", "https://")):
+        raise ConfigError(f"--baseline {spec!r}: write it as NAME=URL, e.g. "
+                          "meta-llama/Meta-Llama-3-8B-Instruct=http://localhost:8002/v1")
+    return name, url
+
+
+def make_client(cfg, args, url: str, model: str, cache: Path) -> ChatClient:
+    return ChatClient(urls=[url], api_key=os.environ.get("API_KEY") or args.api_key, model=model,
+                      max_in_flight=cfg["max_in_flight"], timeout=cfg["request_timeout"],
+                      max_retries=cfg["max_retries"], rpm=cfg["rpm"], tpm=cfg["tpm"], cache_path=str(cache))
+
+
+def cache_file(output: Path, name: str) -> Path:
+    """One reply cache per system, so two servers that serve the same model name never share answers."""
+    return output / "cache" / (re.sub(r"[^A-Za-z0-9._-]+", "_", name) + ".jsonl")
+
+
+def answer_requests(cfg, questions, chunks, rankings, topks) -> dict[str, list]:
+    """Per condition ('no_rag', 'rag_top5', ...), one (messages, params) request per question."""
+    params = {"temperature": cfg["temperature"], "max_tokens": cfg["answer_max_tokens"]}
+    requests = {"no_rag": [(fill_prompt(cfg["model_prompt"], question=q["question"]), params) for q in questions]}
+    for k in topks:
+        requests[f"rag_top{k}"] = [
+            (fill_prompt(cfg["rag_prompt"], instruction=instruction([chunks[i].text for i in ranking[:k]],
+                                                                    q["question"])), params)
+            for q, ranking in zip(questions, rankings)]
+    return requests
+
+
+def answer_all(client: ChatClient, name: str, requests: dict[str, list]) -> dict[str, list]:
+    """Every condition's replies, in one pass through the client (one progress bar, full concurrency)."""
+    flat = [request for condition in requests.values() for request in condition]
+    results = iter(client.complete_all(flat, f"answers {name}"))
+    return {condition: [next(results) for _ in batch] for condition, batch in requests.items()}
+
+
+def score(question: dict, result, refusal_answer: str) -> dict:
+    """One answer's entry in questions.jsonl, before the judge's verdict is added."""
+    reply = result.text or ""
+    answer = metrics.answer_text(reply)
+    return {"reply": reply, "answer": answer, "failed": result.text is None, "error": result.error,
+            **metrics.rouge(answer, question["answer"]),
+            "exact_match": metrics.exact_match(answer, question["answer"]),
+            "refusal": metrics.is_refusal(answer, refusal_answer)}
+
+
+def judge_all(judge: ChatClient, cfg, questions, entries: list[tuple[int, dict]]):
+    """Adds 'verdict' (True/False/None) and 'judge_reply' to every entry; a failed answer is not judged."""
+    params = {"temperature": cfg["temperature"], "max_tokens": cfg["judge_max_tokens"]}
+    to_judge = [(q, e) for q, e in entries if not e["failed"]]
+    requests = [(fill_prompt(cfg["judge_prompt"], question=questions[q]["question"],
+                             gold_answer=questions[q]["answer"], answer=e["answer"] or "(no answer)"), params)
+                for q, e in to_judge]
+    for (_, entry), result in zip(to_judge, judge.complete_all(requests, "judge")):
+        entry["judge_reply"] = result.text
+        entry["verdict"] = metrics.parse_verdict(result.text) if result.text is not None else None
+    for _, entry in entries:
+        entry.setdefault("judge_reply", None)
+        entry.setdefault("verdict", None)
+
+
+# ---- retrieval diagnostic --------------------------------------------------------------------------------
+def support_recall(retrievers, chunks, questions, ks) -> dict[str, dict[str, float]]:
+    """Per retriever kind, the share of questions whose top-k text contains most of the gold answer's content
+    words (questions whose answer has no content word, such as 'Yes', are left out)."""
+    table = {}
+    for kind, retriever in retrievers.items():
+        rankings = retriever.rank([q["question"] for q in questions], max(ks))
+        table[kind] = {}
+        for k in ks:
+            supported = [metrics.answer_supported(" ".join(chunks[i].text for i in ranking[:k]), q["answer"])
+                         for q, ranking in zip(questions, rankings)]
+            judged = [s for s in supported if s is not None]
+            table[kind][f"recall@{k}"] = sum(judged) / len(judged) if judged else None
+    return table
+
+
+# ---- the run ----------------------------------------------------------------------------------------------
+def load_corpus(cfg):
+    loaded = load_documents(cfg["data_dir"], cfg["xml_path"], cfg["verify_ssl"])
+    if not loaded.documents:
+        raise InputError("no documents to retrieve from in "
+                         + (" and ".join(filter(None, [cfg["data_dir"], cfg["xml_path"]])) or "(no source given)")
+                         + ": set data_dir (-d) or xml_path"
+                         + "".join(f"\n  {source}: {why}" for source, why in loaded.skipped))
+    chunks, _ = split_documents(loaded.documents, cfg["chunk_size"])
+    if not chunks:
+        raise InputError(f"the documents in {cfg['data_dir'] or cfg['xml_path']} gave no chunk longer than 100 "
+                         "characters")
+    return loaded, chunks
+
+
+def clamp_topks(topks: list[int], chunk_count: int) -> list[int]:
+    kept = sorted({min(k, chunk_count) for k in topks})
+    if max(topks) > chunk_count:
+        print(f"warning: top-k {max(topks)} is more than the {chunk_count} chunks; using at most {chunk_count}",
+              file=sys.stderr)
+    return kept
+
+
+def run(args) -> int:
+    started = time.time()
+    cfg = load_config(args.config, EVAL_SCHEMA)
+    overrides = {k: getattr(args, k) for k in EVAL_SCHEMA if getattr(args, k, None) is not None}
+    cfg = apply_overrides(cfg, overrides, EVAL_SCHEMA)
+    output = Path(cfg["output"])
+    if args.draft_from:
+        return write_draft(args, output)
+    baselines = [parse_baseline(spec) for spec in args.baseline]
+    questions = read_eval_file(cfg["eval_file"])[:args.limit]
+    refusal_answer = load_config(cfg["raft_config"], RAFT_SCHEMA)["refusal_answer"]
+    loaded, chunks = load_corpus(cfg)
+    topks = clamp_topks(cfg["rag_topk"], len(chunks))
+
+    retrievers = build_retrievers(chunks, [cfg["retriever"]] + [k for k in KINDS if k != cfg["retriever"]],
+                                  cfg["embedding_model"], cfg["index_cache"] or None, cfg["embedding_batch_size"])
+    rankings = retrievers[cfg["retriever"]].rank([q["question"] for q in questions], max(topks))
+    support = support_recall(retrievers, chunks, questions,
+                             sorted({k for k in SUPPORT_KS + tuple(topks) if k <= len(chunks)}))
+    requests = answer_requests(cfg, questions, chunks, rankings, topks)
+
+    systems = [("model under test", args.model or "", args.url)] + [("baseline", n, u) for n, u in baselines]
+    log = [{"question": q["question"], "answer": q["answer"],
+            "retrieved": [{"rank": r, "chunk": i, "source": chunks[i].source} for r, i in enumerate(ranking, 1)],
+            "systems": {}} for q, ranking in zip(questions, rankings)]
+    names = []
+    for role, model, url in systems:
+        client = make_client(cfg, args, url, model, cache_file(output, model or "model"))
+        try:
+            name = client.preflight()
+            if name in names:
+                raise ConfigError(f"{name} is evaluated twice: give each system its own served model name")
+            print(f"{role} {name} at {public_host(url)}: {len(questions)} questions x {len(requests)} conditions",
+                  flush=True)
+            replies = answer_all(client, name, requests)
+        except LLMFatalError as e:
+            raise LLMFatalError(f"{role} {model or ''} at {public_host(url)}: {e} (answers so far are kept in "
+                                f"{output / 'cache'}; run again to resume)") from None
+        finally:
+            client.close()
+        names.append(name)
+        for condition, results in replies.items():
+            for row, question, result in zip(log, questions, results):
+                row["systems"].setdefault(name, {})[condition] = score(question, result, refusal_answer)
+
+    judge = make_client(cfg, args, args.judge_url, args.judge_model or "", output / "cache" / "judge.jsonl")
+    try:
+        judge_name = judge.preflight()
+        print(f"judge {judge_name} at {public_host(args.judge_url)}", flush=True)
+        judge_all(judge, cfg, questions, [(q, entry) for q, row in enumerate(log)
+                                          for answers in row["systems"].values() for entry in answers.values()])
+    except LLMFatalError as e:
+        raise LLMFatalError(f"judge at {public_host(args.judge_url)}: {e} (the answers are kept in "
+                            f"{output / 'cache'}; run again to resume)") from None
+    finally:
+        judge.close()
+
+    summary = {name: {condition: metrics.summarise([row["systems"][name][condition] for row in log])
+                      for condition in requests} for name in names}
+    settings = {"tool": "raft-toolkit", "version": TOOLKIT_VERSION, "questions": len(questions),
+                "eval_file": cfg["eval_file"], "sources": cfg["data_dir"] or cfg["xml_path"],
+                "documents": len(loaded.documents), "chunks": len(chunks), "chunk_size": cfg["chunk_size"],
+                "retriever": cfg["retriever"], "embedding_model": cfg["embedding_model"], "rag_topk": topks,
+                "judge_model": judge_name, "endpoints": {name: public_host(url) for name, (_, _, url) in zip(names, systems)},
+                "judge_endpoint": public_host(args.judge_url), "config": cfg}
+    results = {"settings": settings, "systems": summary, "retrieval": support}
+    paths = write_outputs(output, results, log)
+    print_summary(summary, support, paths, time.time() - started)
+    return 0
+
+
+def write_outputs(output: Path, results: dict, log: list[dict]) -> list[Path]:
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with open(output / "questions.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in log)
+    plots = report.write_plots(results["systems"], output)
+    return [output / "metrics.json", output / "questions.jsonl", report.write_report(output, results, log), *plots]
+
+
+def print_summary(summary, support, paths, seconds):
+    print(f"\n{'system':32} {'condition':12} {'judge':>6} {'prec.':>6} {'refus.':>6} {'EM':>6} {'ROUGE-L':>7}")
+    for name, conditions in summary.items():
+        for condition, m in conditions.items():
+            precision = "n/a" if m["precision"] is None else f"{m['precision']:.3f}"
+            print(f"{name[:32]:32} {report.condition_label(condition):12} {m['judge_score']:6.3f} {precision:>6} "
+                  f"{m['refusal_rate']:6.3f} {m['exact_match']:6.3f} {m['rougeL']:7.3f}")
+    for kind, recalls in support.items():
+        print(f"answer support {kind:7} " + "  ".join(f"{k} {v:.2f}" for k, v in recalls.items() if v is not None))
+    print(f"time {seconds:.1f} s; wrote {', '.join(str(p) for p in paths)}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ConfigError, InputError, LLMFatalError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished replies are kept in the output folder's cache; run the same command again "
+              "to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

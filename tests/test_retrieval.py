@@ -1,0 +1,100 @@
+"""The retrievers on a corpus where the relevant chunk of each question is known; the embedding cache."""
+import json
+
+import numpy as np
+import pytest
+
+from raft_utils import Chunk, InputError, load_documents, split_documents
+from retrieval import EmbeddingCache, build_retrievers
+
+TOPICS = {
+    "volcano.md": "Stratovolcanoes are built from alternating layers of lava and ash. When magma rich in silica "
+                  "rises, pressure builds until an explosive eruption throws pumice and ash high into the sky.",
+    "bread.md": "A sourdough starter is a culture of wild yeast and lactic acid bacteria. Bakers feed it flour "
+                "and water every day; the dough then rises slowly overnight, which gives the loaf its sour taste.",
+    "chess.md": "The Sicilian Defence begins 1.e4 c5. Black fights for the centre from the side and accepts an "
+                "unbalanced position, which is why aggressive players choose it against the king's pawn.",
+    "tides.md": "Tide pools form on rocky shores when the sea retreats at low tide. Anemones, crabs and starfish "
+                "survive there in the trapped seawater until the ocean returns a few hours later.",
+    "gpu.md": "Training a model needs GPU memory for the weights, the gradients and the optimizer state. Adam "
+              "keeps two extra numbers per parameter, so full fine-tuning takes about sixteen bytes per weight.",
+    "bike.md": "A bicycle's derailleur moves the chain between sprockets of the cassette. Low gears make hills "
+               "easier to climb; high gears let the rider go faster on flat roads with each turn of the pedals.",
+}
+# (question, the file that answers it): some share words with the text, some only its meaning.
+QUESTIONS = [
+    ("What makes an explosive eruption happen?", "volcano.md"),
+    ("How do I keep the wild yeast culture for my loaf alive?", "bread.md"),
+    ("Which opening answers the king's pawn with c5?", "chess.md"),
+    ("Where can you find starfish and crabs when the sea goes out?", "tides.md"),
+    ("How much memory does fine-tuning need per parameter?", "gpu.md"),
+    ("Which gears help me cycle up a steep hill?", "bike.md"),
+]
+
+
+@pytest.fixture(scope="module")
+def topic_chunks(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("topics")
+    for name, text in TOPICS.items():
+        (folder / name).write_text(text)
+    chunks, _ = split_documents(load_documents(str(folder), "").documents, 1000)
+    assert len(chunks) == len(TOPICS)
+    return chunks
+
+
+@pytest.mark.parametrize("kind", ["dense", "bm25", "hybrid"])
+def test_each_kind_finds_the_relevant_chunk(topic_chunks, tmp_path, kind):
+    retriever = build_retrievers(topic_chunks, [kind], cache_dir=str(tmp_path))[kind]
+    rankings = retriever.rank([q for q, _ in QUESTIONS], depth=3)
+    for (question, source), ranking in zip(QUESTIONS, rankings):
+        assert len(ranking) == 3 and len(set(ranking)) == 3
+        assert topic_chunks[ranking[0]].source.endswith(source), (kind, question)
+
+
+def test_depth_larger_than_the_corpus_returns_every_chunk_once(topic_chunks, tmp_path):
+    for kind, retriever in build_retrievers(topic_chunks, ["dense", "bm25", "hybrid"], cache_dir=str(tmp_path)).items():
+        assert sorted(retriever.rank(["eruption"], depth=50)[0]) == list(range(len(topic_chunks))), kind
+
+
+def test_dense_scores_are_cosine(topic_chunks, tmp_path):
+    dense = build_retrievers(topic_chunks, ["dense"], cache_dir=str(tmp_path))["dense"]
+    vectors = dense.index.reconstruct_n(0, dense.index.ntotal)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)   # unit vectors: inner product = cosine
+
+
+def test_a_second_build_reads_the_cache_and_a_foreign_file_is_never_unpickled(topic_chunks, tmp_path):
+    first = build_retrievers(topic_chunks, ["dense"], cache_dir=str(tmp_path))["dense"]
+    second = build_retrievers(topic_chunks, ["dense"], cache_dir=str(tmp_path))["dense"]
+    assert not first.from_cache and second.from_cache
+    assert np.array_equal(first.index.reconstruct_n(0, 6), second.index.reconstruct_n(0, 6))
+
+    header = next(tmp_path.glob("*.json"))
+    key = header.stem
+    np.save(tmp_path / f"{key}.npy", np.array([{"not": "vectors"}], dtype=object), allow_pickle=True)
+    assert EmbeddingCache(str(tmp_path)).load(key, len(topic_chunks)) is None   # an object array is refused
+    third = build_retrievers(topic_chunks, ["dense"], cache_dir=str(tmp_path))["dense"]
+    assert not third.from_cache                                                 # embedded again, cache rewritten
+    header.write_text(json.dumps({"key": "someone else's"}))
+    assert EmbeddingCache(str(tmp_path)).load(key, len(topic_chunks)) is None
+
+
+def test_other_chunks_or_model_get_another_cache_entry(topic_chunks, tmp_path):
+    build_retrievers(topic_chunks, ["dense"], cache_dir=str(tmp_path))
+    build_retrievers(topic_chunks[:4], ["dense"], cache_dir=str(tmp_path))
+    assert len(list(tmp_path.glob("*.npy"))) == 2
+    assert EmbeddingCache.key("model-a", ["x"]) != EmbeddingCache.key("model-b", ["x"])
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(InputError, match="no chunks"):
+        build_retrievers([], ["bm25"])
+    with pytest.raises(InputError, match="unknown retriever kind"):
+        build_retrievers([Chunk("some text " * 20, "a.md")], ["tfidf"])
+    with pytest.raises(InputError, match="no/such-model' could not be loaded"):
+        build_retrievers([Chunk("some text " * 20, "a.md")], ["dense"], embedding_model=str(tmp_path / "no/such-model"))
+
+
+def test_a_hub_model_name_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match="embedding model 'acme/not-downloaded' could not be loaded"):
+        build_retrievers([Chunk("some text " * 20, "a.md")], ["dense"], embedding_model="acme/not-downloaded")
