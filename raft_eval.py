@@ -20,6 +20,7 @@ import random
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import format as formats
@@ -218,6 +219,40 @@ def clamp_topks(topks: list[int], chunk_count: int) -> list[int]:
     return kept
 
 
+@dataclass
+class Endpoint:
+    role: str            # "model under test", "baseline" or "judge"
+    url: str
+    client: ChatClient
+    name: str = ""       # the served model name, known after the pre-flight check
+
+
+def open_endpoints(cfg, args, baselines, output: Path) -> list[Endpoint]:
+    """A checked client per system, then the judge's (last): an unreachable server or an unknown model is
+    reported before any embedding or answering. Each system has its own reply cache."""
+    wanted = [("model under test", args.model or "", args.url)] + [("baseline", n, u) for n, u in baselines]
+    endpoints = [Endpoint(role, url, make_client(cfg, args, url, model, cache_file(output, model or "model")))
+                 for role, model, url in wanted]
+    endpoints.append(Endpoint("judge", args.judge_url,
+                              make_client(cfg, args, args.judge_url, args.judge_model or "", output / "cache" / "judge.jsonl")))
+    try:
+        for endpoint in endpoints:
+            endpoint.name = endpoint.client.preflight()
+    except LLMFatalError as e:
+        close_all(endpoints)
+        raise LLMFatalError(f"{' '.join(filter(None, [endpoint.role, endpoint.client.model]))}: {e}") from None
+    names = [e.name for e in endpoints[:-1]]
+    if len(set(names)) < len(names):
+        close_all(endpoints)
+        raise ConfigError(f"a model is evaluated twice ({', '.join(names)}): give each system its own served name")
+    return endpoints
+
+
+def close_all(endpoints: list[Endpoint]):
+    for endpoint in endpoints:
+        endpoint.client.close()
+
+
 def run(args) -> int:
     started = time.time()
     cfg = load_config(args.config, EVAL_SCHEMA)
@@ -231,58 +266,41 @@ def run(args) -> int:
     refusal_answer = load_config(cfg["raft_config"], RAFT_SCHEMA)["refusal_answer"]
     loaded, chunks = load_corpus(cfg)
     topks = clamp_topks(cfg["rag_topk"], len(chunks))
-
-    retrievers = build_retrievers(chunks, [cfg["retriever"]] + [k for k in KINDS if k != cfg["retriever"]],
-                                  cfg["embedding_model"], cfg["index_cache"] or None, cfg["embedding_batch_size"])
-    rankings = retrievers[cfg["retriever"]].rank([q["question"] for q in questions], max(topks))
-    support = support_recall(retrievers, chunks, questions,
-                             sorted({k for k in SUPPORT_KS + tuple(topks) if k <= len(chunks)}))
-    requests = answer_requests(cfg, questions, chunks, rankings, topks)
-
-    systems = [("model under test", args.model or "", args.url)] + [("baseline", n, u) for n, u in baselines]
-    log = [{"question": q["question"], "answer": q["answer"],
-            "retrieved": [{"rank": r, "chunk": i, "source": chunks[i].source} for r, i in enumerate(ranking, 1)],
-            "systems": {}} for q, ranking in zip(questions, rankings)]
-    names = []
-    for role, model, url in systems:
-        client = make_client(cfg, args, url, model, cache_file(output, model or "model"))
-        try:
-            name = client.preflight()
-            if name in names:
-                raise ConfigError(f"{name} is evaluated twice: give each system its own served model name")
-            print(f"{role} {name} at {public_host(url)}: {len(questions)} questions x {len(requests)} conditions",
-                  flush=True)
-            replies = answer_all(client, name, requests)
-        except LLMFatalError as e:
-            raise LLMFatalError(f"{role} {model or ''} at {public_host(url)}: {e} (answers so far are kept in "
-                                f"{output / 'cache'}; run again to resume)") from None
-        finally:
-            client.close()
-        names.append(name)
-        for condition, results in replies.items():
-            for row, question, result in zip(log, questions, results):
-                row["systems"].setdefault(name, {})[condition] = score(question, result, refusal_answer)
-
-    judge = make_client(cfg, args, args.judge_url, args.judge_model or "", output / "cache" / "judge.jsonl")
+    endpoints = open_endpoints(cfg, args, baselines, output)
+    *systems, judge = endpoints
     try:
-        judge_name = judge.preflight()
-        print(f"judge {judge_name} at {public_host(args.judge_url)}", flush=True)
-        judge_all(judge, cfg, questions, [(q, entry) for q, row in enumerate(log)
-                                          for answers in row["systems"].values() for entry in answers.values()])
+        retrievers = build_retrievers(chunks, [cfg["retriever"]] + [k for k in KINDS if k != cfg["retriever"]],
+                                      cfg["embedding_model"], cfg["index_cache"] or None, cfg["embedding_batch_size"])
+        rankings = retrievers[cfg["retriever"]].rank([q["question"] for q in questions], max(topks))
+        support = support_recall(retrievers, chunks, questions,
+                                 sorted({k for k in SUPPORT_KS + tuple(topks) if k <= len(chunks)}))
+        requests = answer_requests(cfg, questions, chunks, rankings, topks)
+        log = [{"question": q["question"], "answer": q["answer"],
+                "retrieved": [{"rank": r, "chunk": i, "source": chunks[i].source} for r, i in enumerate(ranking, 1)],
+                "systems": {}} for q, ranking in zip(questions, rankings)]
+        for system in systems:
+            print(f"{system.role} {system.name} at {public_host(system.url)}: {len(questions)} questions x "
+                  f"{len(requests)} conditions", flush=True)
+            replies = answer_all(system.client, system.name, requests)
+            for condition, results in replies.items():
+                for row, question, result in zip(log, questions, results):
+                    row["systems"].setdefault(system.name, {})[condition] = score(question, result, refusal_answer)
+        print(f"judge {judge.name} at {public_host(judge.url)}", flush=True)
+        judge_all(judge.client, cfg, questions, [(q, entry) for q, row in enumerate(log)
+                                                 for answers in row["systems"].values() for entry in answers.values()])
     except LLMFatalError as e:
-        raise LLMFatalError(f"judge at {public_host(args.judge_url)}: {e} (the answers are kept in "
-                            f"{output / 'cache'}; run again to resume)") from None
+        raise LLMFatalError(f"{e} (replies so far are kept in {output / 'cache'}; run again to resume)") from None
     finally:
-        judge.close()
+        close_all(endpoints)
 
-    summary = {name: {condition: metrics.summarise([row["systems"][name][condition] for row in log])
-                      for condition in requests} for name in names}
+    summary = {s.name: {condition: metrics.summarise([row["systems"][s.name][condition] for row in log])
+                        for condition in requests} for s in systems}
     settings = {"tool": "raft-toolkit", "version": TOOLKIT_VERSION, "questions": len(questions),
                 "eval_file": cfg["eval_file"], "sources": cfg["data_dir"] or cfg["xml_path"],
                 "documents": len(loaded.documents), "chunks": len(chunks), "chunk_size": cfg["chunk_size"],
                 "retriever": cfg["retriever"], "embedding_model": cfg["embedding_model"], "rag_topk": topks,
-                "judge_model": judge_name, "endpoints": {name: public_host(url) for name, (_, _, url) in zip(names, systems)},
-                "judge_endpoint": public_host(args.judge_url), "config": cfg}
+                "judge_model": judge.name, "endpoints": {s.name: public_host(s.url) for s in endpoints},
+                "config": cfg}
     results = {"settings": settings, "systems": summary, "retrieval": support}
     paths = write_outputs(output, results, log)
     print_summary(summary, support, paths, time.time() - started)

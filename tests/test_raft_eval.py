@@ -1,0 +1,215 @@
+"""raft_eval.py end to end against scripted servers over real HTTP: exact metric values, outputs, resume, bad input."""
+import json
+
+import pytest
+
+import raft_eval
+from tests.conftest import write_corpus
+from tests.fake_server import FakeOpenAI, Reply
+from tests.test_metrics import REFUSAL
+
+# gold answers share no word with each other or with the refusal answer, so every ROUGE value is known
+GOLD = {"What is the first code?": "42 units", "What animal is it?": "blue whale",
+        "Which lanterns are lit?": "seven lanterns", "Who guards the gate?": "amber tiger"}
+# the student's answers with retrieved documents: right, right in more words, a refusal, one the judge cannot grade
+STUDENT_RAG = {"What is the first code?": "42 units", "What animal is it?": "the blue whale swims",
+               "Which lanterns are lit?": REFUSAL, "Who guards the gate?": "a stone lion"}
+
+
+def question_in(body) -> str:
+    return body["messages"][-1]["content"].strip().splitlines()[-1]
+
+
+def student(body, n):
+    if "<DOCUMENT>" in body["messages"][-1]["content"]:
+        return Reply(content=f"Reasoning. ##begin_quote## x ##end_quote##\n<ANSWER>: {STUDENT_RAG[question_in(body)]}")
+    return Reply(content="I don't know.")
+
+
+def base(body, n):
+    return Reply(content="It is an amber tiger, I believe.")
+
+
+def judge(body, n):
+    prompt = body["messages"][-1]["content"]
+    question = prompt.split("Question: ", 1)[1].split("\n", 1)[0]
+    answer = prompt.split("Answer to grade: ", 1)[1].split("\n", 1)[0]
+    if answer == "a stone lion":
+        return Reply(content="Hard to say.")
+    return Reply(content="YES" if GOLD[question] in answer else "NO")
+
+
+@pytest.fixture
+def servers():
+    with FakeOpenAI(models=("student",)) as s, FakeOpenAI(models=("base",)) as b, FakeOpenAI(models=("judge",)) as j:
+        s.script, b.script, j.script = student, base, judge
+        yield s, b, j
+
+
+@pytest.fixture
+def eval_setup(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", n_docs=2, paragraphs=2)
+    eval_file = tmp_path / "eval.json"
+    eval_file.write_text(json.dumps([{"question": q, "answer": a} for q, a in GOLD.items()]))
+    return corpus, eval_file, tmp_path / "out"
+
+
+def run_eval(servers, eval_setup, *extra):
+    s, b, j = servers
+    corpus, eval_file, out = eval_setup
+    return raft_eval.main(["-u", s.url, "-j", j.url, "--baseline", f"base={b.url}", "-d", str(corpus),
+                           "--eval_file", str(eval_file), "-o", str(out), "--retriever", "bm25", *extra])
+
+
+def test_full_run_exact_metrics_and_outputs(servers, eval_setup):
+    assert run_eval(servers, eval_setup, "-r", "2", "3") == 0
+    out = eval_setup[2]
+    result = json.loads((out / "metrics.json").read_text())
+    assert list(result["systems"]) == ["student", "base"]
+    assert list(result["systems"]["student"]) == ["no_rag", "rag_top2", "rag_top3"]
+
+    rag = result["systems"]["student"]["rag_top2"]
+    assert rag["judge_yes"] == 2 and rag["judge_unparseable"] == 1 and rag["refusals"] == 1
+    assert rag["judge_score"] == 0.5 and rag["refusal_rate"] == 0.25 and rag["precision"] == pytest.approx(2 / 3)
+    assert rag["exact_match"] == 0.25
+    # ROUGE-1: 1, 2/3 (the blue whale swims vs blue whale), 0, 0; ROUGE-2: 1, 1/2, 0, 0
+    assert rag["rouge1"] == pytest.approx((1 + 2 / 3) / 4) and rag["rouge2"] == pytest.approx(1.5 / 4)
+    assert rag["rougeL"] == pytest.approx((1 + 2 / 3) / 4)
+
+    no_rag = result["systems"]["student"]["no_rag"]
+    assert no_rag["refusal_rate"] == 1.0 and no_rag["judge_score"] == 0.0 and no_rag["precision"] is None
+
+    base_rag = result["systems"]["base"]["rag_top3"]   # the whole reply counts: no <ANSWER>: in it
+    assert base_rag["judge_score"] == 0.25 and base_rag["refusal_rate"] == 0.0 and base_rag["precision"] == 0.25
+    assert base_rag["exact_match"] == 0.0 and base_rag["rouge1"] == pytest.approx(2 * (2 / 7) / (2 / 7 + 1) / 4)
+
+    assert set(result["retrieval"]) == {"bm25", "dense", "hybrid"}
+    assert result["settings"]["chunks"] == 4       # so recall@5 and @7 are left out
+    assert list(result["retrieval"]["bm25"]) == ["recall@1", "recall@2", "recall@3"]
+    assert result["settings"]["judge_model"] == "judge" and "127.0.0.1" in result["settings"]["endpoints"]["student"]
+
+    log = [json.loads(line) for line in open(out / "questions.jsonl")]
+    assert [row["question"] for row in log] == list(GOLD)
+    row = log[1]
+    assert row["answer"] == "blue whale" and len(row["retrieved"]) == 3
+    assert all(r["source"].endswith(".md") for r in row["retrieved"])
+    entry = row["systems"]["student"]["rag_top2"]
+    assert entry["answer"] == "the blue whale swims" and entry["verdict"] is True and entry["judge_reply"] == "YES"
+
+    text = (out / "report.md").read_text()
+    assert "| student | RAG top-2 | 0.500 | 0.667 | 0.250 | 0.250 |" in text
+    # with top-2 the systems disagree on all but the lanterns (both NO); without RAG only on the gate (base YES)
+    assert "### RAG top-2: 3 question(s)" in text and "### no RAG: 1 question(s)" in text
+    assert "Which lanterns are lit?" not in text
+    assert "- student (unparseable): a stone lion" in text and "- base (YES): It is an amber tiger" in text
+    for name in ("judge_score.png", "refusals.png", "precision.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_second_run_resumes_from_the_cache(servers, eval_setup):
+    assert run_eval(servers, eval_setup, "-r", "2") == 0
+    sent = [len(server.requests) for server in servers]
+    assert sent == [8, 8, 16]                                  # 4 questions x (no RAG + top-2), per system; judge all
+    assert run_eval(servers, eval_setup, "-r", "2") == 0
+    assert [len(server.requests) for server in servers] == sent
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in "\n".join(err)
+    return errors[0]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "not found: pass --eval_file"), ("[{\"question\": ", "is not valid JSON"),
+    ("[]", "must be a non-empty JSON list"), ('{"question": "q", "answer": "a"}', "must be a non-empty JSON list"),
+    ('[{"question": "q", "answer": "a"}, {"question": "q2"}]', "item 2: needs non-empty 'question' and 'answer'")])
+def test_bad_eval_file(servers, eval_setup, capsys, content, message):
+    eval_file = eval_setup[1]
+    eval_file.unlink()
+    if content is not None:
+        eval_file.write_text(content)
+    assert run_eval(servers, eval_setup) == 2
+    line = one_line_error(capsys)
+    assert message in line and str(eval_file) in line
+    assert not servers[0].requests
+
+
+def test_empty_corpus(servers, eval_setup, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_eval(servers, eval_setup, "-d", str(empty)) == 2
+    assert "no documents to retrieve from in" in one_line_error(capsys)
+
+
+def test_bad_baseline_spec(servers, eval_setup, capsys):
+    assert run_eval(servers, eval_setup, "--baseline", "base-at-localhost") == 2
+    assert "write it as NAME=URL" in one_line_error(capsys)
+
+
+def test_unreachable_model(servers, eval_setup, capsys):
+    s, b, j = servers
+    corpus, eval_file, out = eval_setup
+    assert raft_eval.main(["-u", "http://127.0.0.1:9/v1", "-j", j.url, "-d", str(corpus),
+                           "--eval_file", str(eval_file), "-o", str(out)]) == 2
+    assert "error: model under test: cannot reach http://127.0.0.1:9" in one_line_error(capsys)
+
+
+def test_unreachable_judge_is_found_before_any_work(servers, eval_setup, capsys):
+    s, b, j = servers
+    corpus, eval_file, out = eval_setup
+    assert raft_eval.main(["-u", s.url, "-d", str(corpus), "--eval_file", str(eval_file), "-o", str(out),
+                           "-j", "http://127.0.0.1:9/v1"]) == 2
+    assert "error: judge: cannot reach http://127.0.0.1:9" in one_line_error(capsys)
+    assert not s.requests
+
+
+def test_a_judge_failing_mid_run_keeps_the_answers(servers, eval_setup, capsys):
+    s, b, j = servers
+    corpus, eval_file, out = eval_setup
+    args = ["-u", s.url, "-j", j.url, "-d", str(corpus), "--eval_file", str(eval_file), "-o", str(out), "-r", "2"]
+    j.script = lambda body, n: Reply(status=401)              # e.g. its key expired during the run
+    assert raft_eval.main(args) == 2
+    line = one_line_error(capsys)
+    assert "error: judge" not in line and "run again to resume" in line and "401" in line
+    answered = len(s.requests)
+    assert answered == 8
+    j.script = judge
+    assert raft_eval.main(args) == 0
+    assert len(s.requests) == answered                        # the answers came from the cache
+
+
+def test_topk_larger_than_the_corpus_is_clamped(servers, eval_setup, capsys):
+    assert run_eval(servers, eval_setup, "-r", "2", "50") == 0
+    assert "top-k 50 is more than the 4 chunks; using at most 4" in capsys.readouterr().err
+    result = json.loads((eval_setup[2] / "metrics.json").read_text())
+    assert list(result["systems"]["student"]) == ["no_rag", "rag_top2", "rag_top4"]
+
+
+def test_draft_from_a_raft_dataset(tmp_path, capsys):
+    records = [{"id": f"seed_task_{i}", "question": f"Question {i}?", "instruction": "docs",
+                "cot_answer": f"Reasoning ##begin_quote## q ##end_quote##\n<ANSWER>: answer {i}"} for i in range(30)]
+    records.append({"id": "refusal_task_30", "question": "Question 0?", "instruction": "docs",
+                    "cot_answer": "<ANSWER>: " + REFUSAL})
+    records.append({"id": "seed_task_31", "question": "No marker?", "instruction": "docs", "cot_answer": "no marker"})
+    dataset = tmp_path / "raft.jsonl"
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def draft(seed, out):
+        assert raft_eval.main(["--draft_from", str(dataset), "--draft_size", "10", "--seed", str(seed),
+                               "-o", str(out)]) == 0
+        return json.loads((out / "eval_draft.json").read_text())
+
+    first, again, other = draft(1, tmp_path / "a"), draft(1, tmp_path / "b"), draft(2, tmp_path / "c")
+    assert len(first) == 10 and first == again and first != other
+    assert all(item["answer"] == "answer " + item["question"].split()[1].rstrip("?") for item in first)
+    assert "wrote 10 questions (of 32 records)" in capsys.readouterr().out
+    everything = raft_eval.eval_draft(records, 100, 0)
+    assert len(everything) == 30 and REFUSAL not in json.dumps(everything)   # refusals and unmarked answers left out
+    assert raft_eval.read_eval_file(str(tmp_path / "a" / "eval_draft.json")) == first   # a valid eval file
+
+
+def test_draft_from_a_missing_dataset(tmp_path, capsys):
+    assert raft_eval.main(["--draft_from", str(tmp_path / "none.jsonl"), "-o", str(tmp_path)]) == 2
+    assert "none.jsonl not found" in one_line_error(capsys)
