@@ -303,7 +303,7 @@ def run(args) -> int:
                 "config": cfg}
     results = {"settings": settings, "systems": summary, "retrieval": support}
     paths = write_outputs(output, results, log)
-    print_summary(summary, support, paths, time.time() - started)
+    print_summary(summary, support, endpoints, paths, time.time() - started)
     return 0
 
 
@@ -316,7 +316,7 @@ def write_outputs(output: Path, results: dict, log: list[dict]) -> list[Path]:
     return [output / "metrics.json", output / "questions.jsonl", report.write_report(output, results, log), *plots]
 
 
-def print_summary(summary, support, paths, seconds):
+def print_summary(summary, support, endpoints, paths, seconds):
     print(f"\n{'system':32} {'condition':12} {'judge':>6} {'prec.':>6} {'refus.':>6} {'EM':>6} {'ROUGE-L':>7}")
     for name, conditions in summary.items():
         for condition, m in conditions.items():
@@ -325,6 +325,10 @@ def print_summary(summary, support, paths, seconds):
                   f"{m['refusal_rate']:6.3f} {m['exact_match']:6.3f} {m['rougeL']:7.3f}")
     for kind, recalls in support.items():
         print(f"answer support {kind:7} " + "  ".join(f"{k} {v:.2f}" for k, v in recalls.items() if v is not None))
+    for e in endpoints:
+        u = e.client.usage
+        print(f"requests {e.role} {e.name}: {u.sent} sent, {u.cached} from the cache, {u.retries} retries, "
+              f"{u.failed} failed")
     print(f"time {seconds:.1f} s; wrote {', '.join(str(p) for p in paths)}")
 
 

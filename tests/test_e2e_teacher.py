@@ -1,4 +1,4 @@
-"""raft.py against the real llama.cpp server with SmolLM2-135M-Instruct on part of data/ (about 2 minutes).
+"""raft.py and raft_eval.py against the real llama.cpp server with SmolLM2-135M-Instruct on data/ (about 3 minutes).
 
 The server is started here with scripts/teacher.sh; `make setup` (or .ci/run) builds it and fetches the model.
 A 135M model writes loose output, so this checks the format of whatever it produced, never exact counts.
@@ -56,3 +56,28 @@ def test_generation_with_smollm2_on_the_demo_corpus(teacher_url, tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "0 sent," in again.stdout
     assert (tmp_path / "out" / "raft.jsonl").read_bytes() == first
+
+
+def test_evaluation_with_smollm2_as_model_and_judge(teacher_url, tmp_path):
+    config = yaml.safe_load((ROOT / "raft_eval_config.yaml").read_text())
+    config.update(answer_max_tokens=160, index_cache=str(tmp_path / "index"))
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, str(ROOT / "raft_eval.py"), "-c", str(tmp_path / "eval.yaml"), "-u", teacher_url,
+           "-j", teacher_url, "-r", "2", "--limit", "3", "-o", str(tmp_path / "eval")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    conditions = result["systems"]["smollm2-135m-instruct"]
+    assert list(conditions) == ["no_rag", "rag_top2"]
+    for m in conditions.values():
+        assert m["questions"] == 3 and m["failed_requests"] == 0
+        assert 0 <= m["judge_score"] <= 1 and 0 <= m["rougeL"] <= 1 and 0 <= m["refusal_rate"] <= 1
+        assert m["judge_yes"] + m["judge_unparseable"] <= 3
+    log = [json.loads(line) for line in open(tmp_path / "eval" / "questions.jsonl")]
+    assert len(log) == 3 and all(len(row["retrieved"]) == 2 for row in log)
+    assert all(row["systems"]["smollm2-135m-instruct"]["rag_top2"]["reply"].strip() for row in log)
+    assert (tmp_path / "eval" / "report.md").exists() and (tmp_path / "eval" / "judge_score.png").exists()
+    assert "requests judge smollm2-135m-instruct: 6 sent" in done.stdout
+
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count(": 0 sent,") == 2   # the model and the judge: all cached
