@@ -171,6 +171,7 @@ EVAL_SCHEMA: dict[str, Key] = {
     "retriever": Key(str, one_of("hybrid", "dense", "bm25")),
     "embedding_model": Key(str),
     "embedding_batch_size": Key(int, positive),
+    "embedding_dtype": Key(str, one_of("auto", "float32", "bfloat16")),
     "index_cache": Key(str),
     "temperature": Key(float, non_negative),
     "answer_max_tokens": Key(int, positive),

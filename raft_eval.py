@@ -270,7 +270,8 @@ def run(args) -> int:
     *systems, judge = endpoints
     try:
         retrievers = build_retrievers(chunks, [cfg["retriever"]] + [k for k in KINDS if k != cfg["retriever"]],
-                                      cfg["embedding_model"], cfg["index_cache"] or None, cfg["embedding_batch_size"])
+                                      cfg["embedding_model"], cfg["index_cache"] or None, cfg["embedding_batch_size"],
+                                      cfg["embedding_dtype"])
         rankings = retrievers[cfg["retriever"]].rank([q["question"] for q in questions], max(topks))
         support = support_recall(retrievers, chunks, questions,
                                  sorted({k for k in SUPPORT_KS + tuple(topks) if k <= len(chunks)}))

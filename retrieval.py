@@ -5,7 +5,7 @@
 
 Dense search is true cosine similarity: embeddings are L2-normalised and searched by inner product (LangChain's
 DistanceStrategy.COSINE over FAISS is really L2 distance). Hybrid fuses the dense and BM25 rankings by reciprocal
-rank, which needs no score calibration between the two. Embeddings are computed in batches and cached as a .npy
+rank, which needs no score calibration between the two. Embeddings are computed in batches (in bfloat16 where the hardware has it) and cached as a .npy
 array plus a JSON header, keyed by the chunks and the model: a second run does not embed again, and the cache is
 read with allow_pickle=False, so a file the tool did not write is never unpickled.
 """
@@ -40,22 +40,43 @@ def embedding_model_path(name: str) -> str:
     return name
 
 
-class Embedder:
-    """A sentence-transformers model, loaded once; vectors come back L2-normalised as float32."""
+def native_bf16() -> bool:
+    """True on a GPU, or on a CPU with bfloat16 matrix units (AMX or AVX512-BF16), where bf16 is fast."""
+    import torch
+    if torch.cuda.is_available():
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
-    def __init__(self, name: str, batch_size: int = 64):
+
+class Embedder:
+    """A sentence-transformers model, loaded once; vectors come back L2-normalised as float32.
+
+    dtype "auto" runs the model in bfloat16 where the hardware has it (measured here on an AMX CPU: 2.7x faster
+    than float32, cosine to the float32 vectors at least 0.998), else in float32."""
+
+    def __init__(self, name: str, batch_size: int = 16, dtype: str = "auto"):
+        import torch
         from sentence_transformers import SentenceTransformer   # slow import: only when dense search is used
+        self.dtype = ("bfloat16" if native_bf16() else "float32") if dtype == "auto" else dtype
         self.name, self.batch_size = name, batch_size
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
-            self.model = SentenceTransformer(embedding_model_path(name), device="cpu")
+            self.model = SentenceTransformer(embedding_model_path(name), device=device)
         except (OSError, ValueError) as e:
             raise InputError(f"embedding model '{name}' could not be loaded ({str(e).splitlines()[0]}): set "
                              "embedding_model in the eval config to a local folder or an installed model") from None
+        self.model.to(getattr(torch, self.dtype))
 
     def embed(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
-        vectors = self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
-                                    convert_to_numpy=True, show_progress_bar=progress)
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+        vectors = self.model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
+                                    show_progress_bar=progress).astype(np.float32)
+        # Normalised here, in float32: unit length to float32 precision whatever the model's dtype.
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return np.ascontiguousarray(vectors)
 
 
 class EmbeddingCache:
@@ -96,12 +117,12 @@ class DenseIndex:
     def __init__(self, chunks: Sequence[Chunk], embedder: Embedder, cache: EmbeddingCache):
         import faiss
         texts = [c.text for c in chunks]
-        key = cache.key(embedder.name, texts)
+        key = cache.key(f"{embedder.name}|{embedder.dtype}", texts)
         vectors = cache.load(key, len(texts))
         self.from_cache = vectors is not None
         if vectors is None:
             vectors = embedder.embed(texts, progress=len(texts) > 256)
-            cache.save(key, vectors, embedder.name)
+            cache.save(key, vectors, f"{embedder.name} ({embedder.dtype})")
         self.embedder = embedder
         self.index = faiss.IndexFlatIP(vectors.shape[1])   # inner product of unit vectors = cosine
         self.index.add(vectors)
@@ -147,7 +168,7 @@ class HybridIndex:
 
 
 def build_retrievers(chunks: Sequence[Chunk], kinds: Sequence[str], embedding_model: str = DEFAULT_EMBEDDING_MODEL,
-                     cache_dir: Optional[str] = None, batch_size: int = 64) -> dict[str, Ranker]:
+                     cache_dir: Optional[str] = None, batch_size: int = 16, dtype: str = "auto") -> dict[str, Ranker]:
     """One retriever per kind; the kinds share one dense index and one BM25 index."""
     if not chunks:
         raise InputError("there are no chunks to search: the documents folder gave no text")
@@ -156,7 +177,7 @@ def build_retrievers(chunks: Sequence[Chunk], kinds: Sequence[str], embedding_mo
         raise InputError(f"unknown retriever kind(s) {', '.join(unknown)}: use {', '.join(KINDS)}")
     dense = bm25 = None
     if {"dense", "hybrid"} & set(kinds):
-        dense = DenseIndex(chunks, Embedder(embedding_model, batch_size), EmbeddingCache(cache_dir))
+        dense = DenseIndex(chunks, Embedder(embedding_model, batch_size, dtype), EmbeddingCache(cache_dir))
     if {"bm25", "hybrid"} & set(kinds):
         bm25 = BM25Index(chunks)
     built = {"dense": dense, "bm25": bm25, "hybrid": HybridIndex(dense, bm25) if dense and bm25 else None}
@@ -164,5 +185,5 @@ def build_retrievers(chunks: Sequence[Chunk], kinds: Sequence[str], embedding_mo
 
 
 def build_retriever(chunks: Sequence[Chunk], kind: str, embedding_model: str = DEFAULT_EMBEDDING_MODEL,
-                    cache_dir: Optional[str] = None, batch_size: int = 64) -> Ranker:
-    return build_retrievers(chunks, [kind], embedding_model, cache_dir, batch_size)[kind]
+                    cache_dir: Optional[str] = None, batch_size: int = 16, dtype: str = "auto") -> Ranker:
+    return build_retrievers(chunks, [kind], embedding_model, cache_dir, batch_size, dtype)[kind]

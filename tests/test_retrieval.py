@@ -98,3 +98,12 @@ def test_a_hub_model_name_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(InputError, match="embedding model 'acme/not-downloaded' could not be loaded"):
         build_retrievers([Chunk("some text " * 20, "a.md")], ["dense"], embedding_model="acme/not-downloaded")
+
+
+def test_bfloat16_embeddings_match_float32(topic_chunks):
+    from retrieval import Embedder
+    texts = [c.text for c in topic_chunks]
+    full, half = Embedder("all-MiniLM-L6-v2", dtype="float32"), Embedder("all-MiniLM-L6-v2", dtype="bfloat16")
+    a, b = full.embed(texts), half.embed(texts)
+    assert b.dtype == np.float32 and np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+    assert (a * b).sum(axis=1).min() > 0.99                  # the same directions, to bf16 precision
