@@ -3,7 +3,8 @@
   python finetune/checkpoint_converter.py --fsdp_checkpoint_path raft-8b/fine-tuned --consolidated_model_path raft-8b/hf
 
 --fsdp_checkpoint_path is the run's folder (<root>/<folder>: its newest checkpoint is taken) or one step_N inside
-it. The output holds safetensors weights, config, tokenizer (with its chat template) and generation config.
+it. The output holds safetensors weights, config, tokenizer (with its chat template) and generation config; for a
+LoRA run (--use_peft) these are the merged weights, and <output>/lora_adapter holds the adapter alone.
 Runs in one plain process: torch.distributed.checkpoint reads every rank's shard without a process group.
 
 --gguf FILE also writes a GGUF file for llama.cpp and Ollama, with llama.cpp's own convert_hf_to_gguf.py from
@@ -35,21 +36,30 @@ def locate(path: Path) -> tuple[Path, Path]:
 
 
 def convert(checkpoint: str, output: str, dtype: str = "auto") -> Path:
+    """The checkpoint as a Hugging Face folder. A LoRA run gives the merged model there (what vLLM and
+    llama.cpp serve) and the adapter alone in <output>/lora_adapter (for PEFT, or vLLM's --enable-lora)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     step, meta = locate(Path(checkpoint))
     config = AutoConfig.from_pretrained(meta)
+    lora = meta / "lora"
     # Build the model without memory, then give it exactly one copy of the weights: the checkpoint's.
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if lora.exists():
+            from peft import LoraConfig, get_peft_model
+            model = get_peft_model(model, LoraConfig.from_pretrained(lora))
     state = {name: torch.empty(t.shape, dtype=torch.float32) for name, t in model.state_dict().items()}
     with warnings.catch_warnings():       # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.load({"model": state}, checkpoint_id=str(step))
     model.load_state_dict(state, assign=True)
+    out = Path(output)
+    if lora.exists():
+        model.save_pretrained(out / "lora_adapter")
+        model = model.merge_and_unload()
     model.tie_weights()
     target_dtype = DTYPES[dtype] or getattr(config, "dtype", None) or torch.float32
     model = model.to(target_dtype if isinstance(target_dtype, torch.dtype) else getattr(torch, str(target_dtype)))
-    out = Path(output)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(meta).save_pretrained(out)
     GenerationConfig.from_pretrained(meta).save_pretrained(out)

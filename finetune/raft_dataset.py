@@ -24,7 +24,7 @@ def load_records(paths: list[str]) -> list[dict]:
     try:
         return [record for path in paths for record in formats.read(path, "jsonl")]
     except ValueError as e:
-        raise DataError(f"{e} (--data_path)") from None
+        raise DataError(f"data file {e} (--data_path)") from None
 
 
 def to_messages(record: dict, rag_prompt: list[dict]) -> list[dict]:

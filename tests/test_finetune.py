@@ -145,3 +145,34 @@ def test_smoke_real_smollm2_from_its_gguf(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     [step] = json.loads((tmp_path / "c" / "smollm2" / "metrics.json").read_text())["steps"]
     assert 0 < step["train_loss"] < 10          # a trained model: far below ln(49152) = 10.8 of a random one
+
+
+def test_lora_trains_only_the_adapter_and_converts_to_adapter_and_merged_model(tiny_model, tmp_path):
+    data = write_records(tmp_path / "raft.jsonl")
+    run = torchrun(*common(tiny_model, data, tmp_path / "ckpt", "--num_epochs", "5", "--use_peft", "--peft_method",
+                           "lora", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.0", "--lr", "3e-2",
+                           "--lora_target_modules", "q_proj", "v_proj", "up_proj", "down_proj"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "parameters trained (LoRA)" in run.stdout
+    losses = [m["train_loss"] for m in json.loads((tmp_path / "ckpt" / "fine-tuned" / "metrics.json").read_text())["steps"]]
+    assert losses[-1] < losses[0] - 0.5          # a random tiny model learns slowly through rank-8 adapters
+
+    out = tmp_path / "hf"
+    done = subprocess.run([sys.executable, str(ROOT / "finetune" / "checkpoint_converter.py"), "--fsdp_checkpoint_path",
+                           str(tmp_path / "ckpt" / "fine-tuned"), "--consolidated_model_path", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    original = AutoModelForCausalLM.from_pretrained(tiny_model)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    # Only the adapted layers changed; the rest is the original model, bit for bit.
+    assert torch.equal(merged.model.layers[0].mlp.gate_proj.weight, original.model.layers[0].mlp.gate_proj.weight)
+    assert torch.equal(merged.model.embed_tokens.weight, original.model.embed_tokens.weight)
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, original.model.layers[0].self_attn.q_proj.weight)
+    # The adapter on the original model computes what the merged model computes.
+    adapted = PeftModel.from_pretrained(original, out / "lora_adapter").eval()
+    ids = torch.tensor([[1, 50, 300, 7, 42, 9]])
+    with torch.no_grad():
+        assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-4)
+    assert (out / "lora_adapter" / "adapter_config.json").exists()
