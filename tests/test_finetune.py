@@ -121,7 +121,13 @@ def test_packing_and_padding_give_the_same_loss(tiny_model, tmp_path):
     tokens = sum(sum(label != -100 for label in labels[1:]) for _, labels in examples)
     with torch.no_grad():
         packed = forward_loss_sum(model, collate(pack(examples, 1024), tokenizer.pad_token_id), "packing", "cpu")
-        padded = forward_loss_sum(model, collate(unpacked(examples), tokenizer.pad_token_id), "padding", "cpu")
+        batch = collate(unpacked(examples), tokenizer.pad_token_id)
+        padded = forward_loss_sum(model, batch, "padding", "cpu")
+        # The reference: logits at every position, loss where labelled (what logits_to_keep avoids computing).
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        reference = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                                      ignore_index=-100, reduction="sum")
+    assert torch.allclose(padded, reference, rtol=1e-5)
     assert len(pack(examples, 1024)) == 1
     assert torch.allclose(packed / tokens, padded / tokens, atol=1e-5), (packed / tokens, padded / tokens)
 
