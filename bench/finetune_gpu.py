@@ -8,8 +8,9 @@ Two data shapes, both packed to 4096-token rows: RAFT-sized examples (~1000 toke
 answer, several per row: attention is block-diagonal) and single 4000-token examples (one per row: plain
 causal attention). Throughput counts non-padding tokens; it is the mean of the logged intervals after the
 first 10 steps (the first steps include CUDA warm-up). MFU = tokens/s x model FLOPs per token / peak, with
-model FLOPs per token = 6 x (matmul parameters, lm_head included) + 6 x layers x hidden x mean example length
-(attention, causal, within each example); peak: H100/H200 SXM dense bf16, 989 TFLOP/s.
+model FLOPs per token = 6 x (matmul parameters; the lm_head's times the share of answer tokens, the only positions
+where the trainer computes logits) + 6 x layers x hidden x mean example length (attention, causal, within each
+example); peak: H100/H200 SXM dense bf16, 989 TFLOP/s.
 """
 import argparse
 import json
@@ -36,11 +37,12 @@ def write_records(path: Path, n: int, doc_words: int, answer_words: int, seed: i
                                 "cot_answer": f"{text(answer_words)}\n<ANSWER>: item {i}"}) + "\n")
 
 
-def model_flops_per_token(config, mean_length: float) -> float:
+def model_flops_per_token(config, mean_length: float, answer_share: float) -> float:
+    """FLOPs the trainer executes per token: the lm_head runs only at answer positions (logits_to_keep)."""
     d, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     kv = config.num_key_value_heads * (d // config.num_attention_heads)
     per_layer = d * d * 2 + d * kv * 2 + 3 * d * inter          # q, o, k, v projections and the gated MLP
-    matmul = layers * per_layer + d * config.vocab_size          # plus the lm_head
+    matmul = layers * per_layer + d * config.vocab_size * answer_share          # plus the lm_head
     return 6 * matmul + 6 * layers * d * mean_length
 
 
@@ -100,11 +102,12 @@ def main():
           "bf16 compute with fp32 master weights (FSDP2 MixedPrecisionPolicy), SDPA")
     for label, (path, n, doc_words, answer_words) in shapes.items():
         write_records(path, n * (4 if not args.tiny else 1), doc_words, answer_words)
-        lengths = [len(tokenizer(json.loads(line)["instruction"] + json.loads(line)["cot_answer"])["input_ids"])
-                   for line in open(path)]
+        records = [json.loads(line) for line in open(path)]
+        lengths = [len(tokenizer(r["instruction"] + r["cot_answer"])["input_ids"]) for r in records]
+        answers = [len(tokenizer(r["cot_answer"])["input_ids"]) for r in records]
         mean_length = sum(lengths) / len(lengths)
         result = run(args, path.stem, path, model_dir, work)
-        flops = model_flops_per_token(config, mean_length)
+        flops = model_flops_per_token(config, mean_length, sum(answers) / sum(lengths))
         print(f"{label}: mean example {mean_length:.0f} tokens | {result['tokens_per_s']:.0f} tokens/s | "
               f"{result['tokens_per_s'] * flops / 1e12:.1f} TFLOP/s | MFU {result['tokens_per_s'] * flops / peak:.1%} "
               f"(of {peak / 1e12:.0f} TFLOP/s) | peak memory {result['peak_memory_mb'] / 1024:.1f} GiB")
