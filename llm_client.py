@@ -7,7 +7,8 @@ What it adds to a plain HTTP call, and why:
 - fail-fast errors for what a retry cannot fix (a rejected API key, an unknown model, an unreachable server);
 - optional requests-per-minute and tokens-per-minute limits, for cloud plans;
 - an append-only on-disk cache keyed by a hash of (model, messages, parameters): a re-run, or a run resumed
-  after Ctrl-C or kill -9, sends only the requests that never completed.
+  after Ctrl-C or kill -9, sends only the requests that never completed;
+- streaming of one reply as it is written (stream()), for the chatbot.
 """
 import asyncio
 import collections
@@ -18,7 +19,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -196,6 +197,25 @@ class ChatClient:
         """Answer (messages, params) requests concurrently; results come back in request order."""
         return self._loop.run_until_complete(self._complete_all(self._session(), requests, desc))
 
+    def stream(self, messages: list, params: dict) -> Iterator[str]:
+        """One reply, piece by piece as the server writes it (stream=true). A single try, not cached: a person is
+        reading, and a retry would repeat what they have already seen. Failures raise LLMFatalError."""
+        pieces = self._stream(self._session(), messages, params)
+        try:
+            while True:
+                yield self._loop.run_until_complete(pieces.__anext__())
+        except StopAsyncIteration:
+            return
+        finally:
+            async def settle():
+                # After Ctrl-C the read in progress is still scheduled: cancel it, then close the stream.
+                pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                await pieces.aclose()
+            self._loop.run_until_complete(settle())
+
     def close(self):
         """Cancel what is still in flight (after Ctrl-C), close the connections and the cache."""
         async def shut_down():
@@ -320,6 +340,13 @@ class ChatClient:
             raise _Retry(f"timed out after {self.timeout:g} s") from None
         except aiohttp.ClientError as e:
             raise _Retry(f"connection error: {type(e).__name__}") from None
+        self._check_status(url, path, body, status, headers, text)
+        try:
+            return parse(json.loads(text))
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise _Retry("malformed response body") from None
+
+    def _check_status(self, url, path, body, status, headers, text):
         if status in (401, 403):
             raise LLMFatalError(f"{public_host(url)} rejected the API key (HTTP {status}): "
                                 "pass a valid key with -k or the API_KEY environment variable")
@@ -334,7 +361,31 @@ class ChatClient:
         if status >= 400:
             # 400 and friends: this request is wrong (e.g. longer than the context); retrying won't help.
             raise _Failed(f"HTTP {status}: {text[:200].strip()}")
+
+    async def _stream(self, http, messages, params):
+        url = self._pick_url()
+        body = {"model": self.model, "messages": list(messages), **params, "stream": True}
         try:
-            return parse(json.loads(text))
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise _Retry("malformed response body") from None
+            async with http.post(url + "/chat/completions", json=body) as response:
+                if response.status != 200:
+                    text = (await response.read()).decode("utf-8", errors="replace")
+                    self._check_status(url, "/chat/completions", body, response.status, response.headers, text)
+                async for line in response.content:          # server-sent events: "data: {json}" lines
+                    data = line.decode("utf-8", errors="replace").strip()
+                    if not data.startswith("data:"):
+                        continue
+                    data = data[5:].strip()
+                    if data == "[DONE]":
+                        return
+                    try:
+                        piece = json.loads(data)["choices"][0]["delta"].get("content")
+                    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                        raise LLMFatalError(f"{public_host(url)} sent a malformed stream event: {data[:100]}") from None
+                    if piece:
+                        yield piece
+        except _Failed as failure:
+            raise LLMFatalError(f"{public_host(url)} failed the request ({failure.reason})") from None
+        except asyncio.TimeoutError:
+            raise LLMFatalError(f"{public_host(url)} did not finish the reply within {self.timeout:g} s") from None
+        except aiohttp.ClientError as e:
+            raise LLMFatalError(f"cannot reach {public_host(url)} ({type(e).__name__}): is the server running?") from None

@@ -61,6 +61,8 @@ class Embedder:
     def __init__(self, name: str, batch_size: int = 16, dtype: str = "auto"):
         import torch
         from sentence_transformers import SentenceTransformer   # slow import: only when dense search is used
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()        # a 0.1 s load needs no progress bar in the chat window
         self.dtype = ("bfloat16" if native_bf16() else "float32") if dtype == "auto" else dtype
         self.name, self.batch_size = name, batch_size
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -80,9 +80,9 @@ class FakeOpenAI:
             def log_message(self, *args):
                 pass
 
-            def _send(self, status, payload: bytes, headers=None):
+            def _send(self, status, payload: bytes, headers=None, content_type="application/json"):
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(payload)))
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
@@ -91,6 +91,15 @@ class FakeOpenAI:
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):
                     pass      # the client gave up (a timeout test)
+
+            def _send_stream(self, number, model, content, headers):
+                """Server-sent events, a few characters per event, as an OpenAI-compatible server streams."""
+                pieces = [content[i:i + 7] for i in range(0, len(content), 7)]
+                events = [{"id": f"cmpl-{number}", "object": "chat.completion.chunk", "model": model,
+                           "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece},
+                                        "finish_reason": None}]} for piece in pieces]
+                payload = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+                self._send(200, payload.encode(), headers, content_type="text/event-stream")
 
             def _authorised(self) -> bool:
                 if fake.api_key and self.headers.get("Authorization") != f"Bearer {fake.api_key}":
@@ -123,6 +132,8 @@ class FakeOpenAI:
                 if reply.raw is not None or reply.status != 200:
                     return self._send(reply.status, reply.raw or b'{"error": "scripted"}', reply.headers)
                 content = default_content(body) if reply.content is None else reply.content
+                if body.get("stream"):
+                    return self._send_stream(number, body["model"], content, reply.headers)
                 payload = {"id": f"cmpl-{number}", "object": "chat.completion", "model": body["model"],
                            "choices": [{"index": 0, "finish_reason": "stop",
                                         "message": {"role": "assistant", "content": content}}],

@@ -1,4 +1,4 @@
-"""raft.py and raft_eval.py against the real llama.cpp server with SmolLM2-135M-Instruct on data/ (about 3 minutes).
+"""raft.py, raft_eval.py and chat.py against the real llama.cpp server with SmolLM2-135M-Instruct on data/ (about 3 minutes).
 
 The server is started here with scripts/teacher.sh; `make setup` (or .ci/run) builds it and fetches the model.
 A 135M model writes loose output, so this checks the format of whatever it produced, never exact counts.
@@ -81,3 +81,15 @@ def test_evaluation_with_smollm2_as_model_and_judge(teacher_url, tmp_path):
 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count(": 0 sent,") == 2   # the model and the judge: all cached
+
+
+def test_chat_with_smollm2(teacher_url):
+    cmd = [sys.executable, str(ROOT / "chat.py"), "-u", teacher_url, "-r", "3", "--max_tokens", "120", "--json",
+           "--question", "What port does the vLLM server listen on by default?"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode in (0, 3), done.stderr[-2000:]          # 3: the model declined and handed off
+    result = json.loads(done.stdout)
+    assert result["model"] == "smollm2-135m-instruct" and result["reply"].strip()
+    assert result["handoff"] == (done.returncode == 3) and len(result["sources"]) == 3
+    # the hybrid retriever puts the serving guide among the three chunks
+    assert any(s["source"].endswith("serving_llama.html") for s in result["sources"])
