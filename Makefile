@@ -2,14 +2,17 @@
 #   make setup      both environments (.venv for the toolkit, .venv-teacher for llama.cpp) and the model
 #   make generate   RAFT data from data/ with the local teacher (SmolLM2 on llama.cpp), into output/
 #                   (RAFT_ARGS="-t 2 --max_chunks 10" for a quick look)
+#   make demo       the whole recipe on this CPU: data, fine-tune, convert, serve, evaluate, report (~20 min;
+#                   DEMO_ARGS=--quick: under 10)
 #   make test       the test suite (what CI runs)
 #   make bench      the generation benchmark
 PY := .venv/bin/python
 TEACHER_PORT ?= 8001
 RAFT_ARGS ?= -t 4
+DEMO_ARGS ?=
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup generate test bench
+.PHONY: setup generate demo test bench
 
 setup: .venv/done
 	scripts/teacher.sh setup
@@ -25,6 +28,9 @@ generate: setup
 	TEACHER_PORT=$(TEACHER_PORT) scripts/teacher.sh start
 	$(PY) raft.py -u http://127.0.0.1:$(TEACHER_PORT)/v1 -k EMPTY $(RAFT_ARGS); status=$$?; \
 	  TEACHER_PORT=$(TEACHER_PORT) scripts/teacher.sh stop; exit $$status
+
+demo: setup
+	scripts/demo.sh $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests

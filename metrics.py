@@ -41,18 +41,23 @@ def exact_match(prediction: str, reference: str) -> bool:
 
 
 _VERDICT = re.compile(r"\b(yes|no)\b", re.I)
+_WRONG = re.compile(r"\b(?:incorrect|not correct|wrong)\b", re.I)
+_RIGHT = re.compile(r"\bcorrect\b", re.I)
 
 
 def parse_verdict(reply: str) -> Optional[bool]:
     """The judge's YES (True) or NO (False). The first word decides when it is a verdict ("Yes.", "**NO**");
-    otherwise every yes/no word in the reply must agree. Anything else is None: counted as unparseable,
-    never guessed."""
+    otherwise every yes/no word in the reply must agree; a reply without one may still say it plainly ("The
+    answer is correct" / "... is wrong"). Anything else, or both, is None: counted as unparseable, never guessed."""
     words = (reply or "").replace("*", " ").replace("`", " ").strip()
     first = re.match(r"\W*(yes|no)\b", words, re.I)
     if first:
         return first.group(1).lower() == "yes"
     found = {m.lower() for m in _VERDICT.findall(words)}
-    return found == {"yes"} if len(found) == 1 else None
+    if found:
+        return found == {"yes"} if len(found) == 1 else None
+    wrong, right = bool(_WRONG.search(words)), bool(_RIGHT.search(_WRONG.sub(" ", words)))
+    return right if wrong != right else None
 
 
 _REFUSAL_FORMS = re.compile(

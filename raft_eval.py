@@ -53,6 +53,7 @@ def parse_args(argv):
     p.add_argument("--eval_file", help="JSON list of {question, answer}")
     p.add_argument("--retriever", help=f"one of {', '.join(KINDS)}")
     p.add_argument("--limit", type=int, help="evaluate the first N questions only (a quick trial)")
+    p.add_argument("--max_tokens", type=int, dest="answer_max_tokens", help="longest answer, in tokens")
     p.add_argument("--insecure", action="store_const", const=False, dest="verify_ssl",
                    help="do not verify TLS certificates of sitemap pages")
     p.add_argument("--max_in_flight", type=int, help="requests in flight at once per server")

@@ -182,3 +182,12 @@ def test_lora_trains_only_the_adapter_and_converts_to_adapter_and_merged_model(t
     with torch.no_grad():
         assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-4)
     assert (out / "lora_adapter" / "adapter_config.json").exists()
+
+
+def test_validation_counts_every_row_even_fewer_than_ranks(tiny_model, tmp_path):
+    data = write_records(tmp_path / "raft.jsonl", n=8)         # val_split 0.2: 1 validation row, 2 ranks
+    run = torchrun(*common(tiny_model, data, tmp_path / "ckpt", "--val_split", "0.2", "--max_steps", "3",
+                           "--save_checkpoints", "False"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    [epoch] = json.loads((tmp_path / "ckpt" / "fine-tuned" / "metrics.json").read_text())["epochs"]
+    assert epoch["val_loss"] == epoch["val_loss"] and epoch["val_loss"] > 0      # not NaN

@@ -36,6 +36,8 @@ def test_answer_text_prefers_the_answer_part():
     ("Verdict: YES", True), ("The answer is correct, so yes.", True),
     ("No, the answer says 8B but the gold is 70B.", False),   # the first word decides
     ("I think yes, but no", None),                             # yes and no, neither first: not guessed
+    ("The answer is correct.", True), ("The answer is incorrect.", False), ("That is wrong", False),
+    ("It is not correct.", False), ("Partly correct, partly wrong", None),
     ("Maybe", None), ("", None), (None, None), ("Yesterday", None), ("Nobody knows", None)])
 def test_parse_verdict(reply, verdict):
     assert metrics.parse_verdict(reply) is verdict
