@@ -5,7 +5,7 @@
 #   make demo       the whole recipe on this CPU: data, fine-tune, convert, serve, evaluate, report (~20 min;
 #                   DEMO_ARGS=--quick: under 10)
 #   make test       the test suite (what CI runs)
-#   make bench      the generation benchmark
+#   make bench      the benchmarks: retrieval, fine-tuning (CPU), generation
 PY := .venv/bin/python
 TEACHER_PORT ?= 8001
 RAFT_ARGS ?= -t 4
@@ -36,4 +36,6 @@ test: setup
 	$(PY) -m pytest -q tests
 
 bench: setup
+	$(PY) bench/retrieval.py
+	$(PY) bench/finetune.py
 	$(PY) bench/generation.py

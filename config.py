@@ -127,12 +127,25 @@ def apply_overrides(config: dict, overrides: dict, schema: dict[str, Key]) -> di
     return merged
 
 
-# The schema of raft.yaml; raft.yaml itself documents what each key means.
-RAFT_SCHEMA: dict[str, Key] = {
+# Keys both configs have: the sources and their chunking (the retriever must chunk as raft.py did), and the client.
+SOURCE_KEYS: dict[str, Key] = {
     "data_dir": Key(str),
     "xml_path": Key(str),
     "verify_ssl": Key(bool),
     "chunk_size": Key(int, positive),
+}
+CLIENT_KEYS: dict[str, Key] = {
+    "max_in_flight": Key(int, positive),
+    "request_timeout": Key(float, positive),
+    "max_retries": Key(int, non_negative),
+    "rpm": Key(int, non_negative),
+    "tpm": Key(int, non_negative),
+}
+
+
+# The schema of raft.yaml; raft.yaml itself documents what each key means.
+RAFT_SCHEMA: dict[str, Key] = {
+    **SOURCE_KEYS,
     "questions_per_chunk": Key(int, positive),
     "num_distract_docs": Key(int, non_negative),
     "oracle_probability": Key(float, probability),
@@ -144,11 +157,7 @@ RAFT_SCHEMA: dict[str, Key] = {
     "temperature": Key(float, non_negative),
     "question_max_tokens": Key(int, positive),
     "answer_max_tokens": Key(int, positive),
-    "max_in_flight": Key(int, positive),
-    "request_timeout": Key(float, positive),
-    "max_retries": Key(int, non_negative),
-    "rpm": Key(int, non_negative),
-    "tpm": Key(int, non_negative),
+    **CLIENT_KEYS,
     "output": Key(str),
     "output_format": Key(str, one_of("hf", "completion", "chat")),
     "output_type": Key(str, one_of("jsonl", "parquet")),
@@ -163,10 +172,7 @@ RAFT_SCHEMA: dict[str, Key] = {
 # The schema of raft_eval_config.yaml (evaluation and chat; rag_prompt also for fine-tuning).
 EVAL_SCHEMA: dict[str, Key] = {
     "eval_file": Key(str),
-    "data_dir": Key(str),
-    "xml_path": Key(str),
-    "verify_ssl": Key(bool),
-    "chunk_size": Key(int, positive),
+    **SOURCE_KEYS,
     "rag_topk": Key(list, positive_ints),
     "retriever": Key(str, one_of("hybrid", "dense", "bm25")),
     "embedding_model": Key(str),
@@ -177,11 +183,7 @@ EVAL_SCHEMA: dict[str, Key] = {
     "answer_max_tokens": Key(int, positive),
     "judge_max_tokens": Key(int, positive),
     "raft_config": Key(str),
-    "max_in_flight": Key(int, positive),
-    "request_timeout": Key(float, positive),
-    "max_retries": Key(int, non_negative),
-    "rpm": Key(int, non_negative),
-    "tpm": Key(int, non_negative),
+    **CLIENT_KEYS,
     "output": Key(str),
     "model_prompt": Key(list, chat_messages("question")),
     "rag_prompt": Key(list, chat_messages("instruction")),
