@@ -33,7 +33,7 @@ STUDENT_NAME=raft-smollm2
 if (( QUICK )); then   # chunks asked about, questions per chunk, training steps, eval questions, top-k, answer tokens
   CHUNKS=10; PER_CHUNK=2; STEPS=4; QUESTIONS=3; TOPK=2; ANSWER_TOKENS=96
 else
-  CHUNKS=30; PER_CHUNK=3; STEPS=30; QUESTIONS=20; TOPK=3; ANSWER_TOKENS=256
+  CHUNKS=24; PER_CHUNK=3; STEPS=20; QUESTIONS=20; TOPK=3; ANSWER_TOKENS=256
 fi
 
 mkdir -p "$DIR/logs"

@@ -3,9 +3,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
+GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"      # fetched by scripts/teacher.sh setup
 sys.path.insert(0, str(ROOT))
 
 from tests.fake_server import FakeOpenAI  # noqa: E402
@@ -34,3 +36,19 @@ def write_corpus(folder: Path, n_docs: int = 3, paragraphs: int = 3, seed: int =
 @pytest.fixture
 def corpus(tmp_path) -> Path:
     return write_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A randomly initialised 2-layer Llama saved as a Hugging Face folder, with SmolLM2's real tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -10,7 +10,6 @@ import pytest
 import chat
 from tests.conftest import ROOT
 from tests.fake_server import FakeOpenAI, Reply
-from tests.test_finetune import tiny_model  # noqa: F401  (a fixture)
 from tests.test_metrics import REFUSAL
 
 QUESTION = "What context length does Llama 3.1 support?"

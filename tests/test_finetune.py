@@ -4,31 +4,13 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from finetune.finetuning import forward_loss_sum
 from finetune.raft_dataset import collate, encode, pack, unpacked
-from tests.conftest import ROOT
-from tests.test_raft_dataset import GGUF
+from tests.conftest import GGUF, ROOT
 
 FINETUNE = str(ROOT / "finetune" / "finetuning.py")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A randomly initialised 2-layer Llama saved as a Hugging Face folder, with SmolLM2's real tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def write_records(path, n=12):

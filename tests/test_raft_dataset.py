@@ -7,9 +7,7 @@ import pytest
 from config import EVAL_SCHEMA, load_config
 from finetune.raft_dataset import (IGNORE_INDEX, DataError, collate, encode, load_records, pack, to_messages,
                                    tokenize_chat, unpacked)
-from tests.conftest import ROOT
-
-GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+from tests.conftest import GGUF, ROOT
 LLAMA3_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
                    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
                    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
