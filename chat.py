@@ -100,6 +100,7 @@ class LocalModel:
             yield from streamer
         finally:
             stop.set()
+            thread.join()     # a generation thread still running at exit aborts the interpreter
 
     def close(self):
         pass

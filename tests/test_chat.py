@@ -106,10 +106,13 @@ def test_ctrl_c_stops_an_answer_not_the_chat(server):
 
 
 def test_model_path_runs_the_model_in_process(tiny_model, capsys):
-    """No server: a Hugging Face folder loaded with transformers (a random tiny model: any text will do)."""
-    code = chat.main(["--model_path", str(tiny_model), "--retriever", "bm25", "-r", "1", "--max_tokens", "8",
-                      "--question", QUESTION, "--json"])
-    result = json.loads(capsys.readouterr().out)
-    assert code in (0, chat.EXIT_HANDOFF) and result["model"] == tiny_model.name and result["reply"]
+    """No server: a Hugging Face folder loaded with transformers (a random tiny model: any text will do). Run as a
+    process of its own, so that a generation thread left running at exit would show as a crash."""
+    done = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--model_path", str(tiny_model), "--retriever", "bm25",
+                           "-r", "1", "--max_tokens", "8", "--question", QUESTION, "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode in (0, chat.EXIT_HANDOFF), done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["model"] == tiny_model.name and result["reply"]
     assert chat.main(["--model_path", str(ROOT / "data"), "--retriever", "bm25", "--question", QUESTION]) == 2
     assert "is not a Hugging Face model folder" in capsys.readouterr().err
