@@ -63,6 +63,8 @@ def read(path: str, input_type: str = "jsonl") -> list[dict]:
             records = datasets.load_from_disk(path).to_list()
         except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"input {path} is not a dataset folder written by save_to_disk ({e})") from None
+        for number, record in enumerate(records, 1):
+            _check_fields(record, f"{path}, record {number}")
     else:
         records = _read_jsonl(path)
     if not records:
@@ -80,12 +82,15 @@ def _read_jsonl(path: str) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 raise ValueError(f"{path}, line {number}: not valid JSON") from None
-            missing = [k for k in REQUIRED_FIELDS if not isinstance(record, dict) or not isinstance(record.get(k), str)]
-            if missing:
-                raise ValueError(f"{path}, line {number}: missing field(s) {', '.join(missing)}: "
-                                 "not a RAFT record (see design.md, section 2)")
+            _check_fields(record, f"{path}, line {number}")
             records.append(record)
     return records
+
+
+def _check_fields(record, where: str):
+    missing = [k for k in REQUIRED_FIELDS if not isinstance(record, dict) or not isinstance(record.get(k), str)]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {', '.join(missing)}: not a RAFT record (see design.md, section 2)")
 
 
 def main(argv=None):

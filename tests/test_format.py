@@ -57,3 +57,9 @@ def test_cli_bad_input_is_one_line(tmp_path, content, message):
         path.write_text(content)
     done = run_cli("--input", str(path), "--input-type", "jsonl", "--output", str(tmp_path / "o"))
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_arrow_records_without_the_raft_fields_are_refused(tmp_path):
+    datasets.Dataset.from_list([{"messages": "a chat row"}]).save_to_disk(str(tmp_path / "chat_ds"))
+    done = run_cli("--input", str(tmp_path / "chat_ds"), "--input-type", "arrow", "--output", str(tmp_path / "o"))
+    assert done.returncode == 2 and "record 1: missing field(s) instruction, cot_answer" in done.stderr
