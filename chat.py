@@ -22,7 +22,7 @@ from pathlib import Path
 import metrics
 from config import EVAL_SCHEMA, RAFT_SCHEMA, ConfigError, apply_overrides, fill_prompt, load_config
 from llm_client import ChatClient, LLMFatalError, public_host
-from raft_utils import InputError, final_answer, instruction, load_documents, split_documents
+from raft_utils import InputError, final_answer, instruction, load_chunks
 from retrieval import build_retriever
 
 DEFAULT_URL = "http://localhost:8000/v1"
@@ -115,11 +115,7 @@ class Assistant:
         self.refusal_answer = load_config(cfg["raft_config"], RAFT_SCHEMA)["refusal_answer"]
         self.chunks = []
         if rag:
-            loaded = load_documents(cfg["data_dir"], cfg["xml_path"], cfg["verify_ssl"])
-            self.chunks, _ = split_documents(loaded.documents, cfg["chunk_size"])
-            if not self.chunks:
-                raise InputError(f"no documents to retrieve from in {cfg['data_dir'] or cfg['xml_path']}: set -d, "
-                                 "or chat without retrieval (--no-rag)")
+            _, self.chunks, _ = load_chunks(cfg["data_dir"], cfg["xml_path"], cfg["verify_ssl"], cfg["chunk_size"])
             self.retriever = build_retriever(self.chunks, cfg["retriever"], cfg["embedding_model"],
                                              cfg["index_cache"] or None, cfg["embedding_batch_size"],
                                              cfg["embedding_dtype"])

@@ -22,8 +22,8 @@ import datasets
 import format as formats
 from config import RAFT_SCHEMA, TOOLKIT_VERSION, ConfigError, apply_overrides, fill_prompt, load_config
 from llm_client import ChatClient, LLMFatalError, public_host
-from raft_utils import (QA, AssemblySettings, InputError, assemble, chunks_needed, final_answer,
-                        load_documents, normalise, parse_questions, quotes_verified, split_documents)
+from raft_utils import (QA, AssemblySettings, InputError, assemble, chunks_needed, final_answer, load_chunks,
+                        normalise, parse_questions, quotes_verified)
 
 DEFAULT_URL = "http://localhost:8001/v1"
 
@@ -158,12 +158,8 @@ def run(args) -> int:
     cfg = apply_overrides(cfg, overrides, RAFT_SCHEMA)
     stats = {"dropped": collections.Counter()}
 
-    loaded = load_documents(cfg["data_dir"], cfg["xml_path"], cfg["verify_ssl"])
-    if not loaded.documents:
-        raise InputError("no documents could be read from "
-                         + " and ".join(filter(None, [cfg["data_dir"], cfg["xml_path"]]))
-                         + "".join(f"\n  {source}: {why}" for source, why in loaded.skipped))
-    chunks, stats["chunks dropped"] = split_documents(loaded.documents, cfg["chunk_size"])
+    loaded, chunks, stats["chunks dropped"] = load_chunks(cfg["data_dir"], cfg["xml_path"], cfg["verify_ssl"],
+                                                          cfg["chunk_size"])
     # --max_chunks limits the chunks asked about; distractors still come from every chunk.
     asked = chunks[:args.max_chunks] if args.max_chunks else chunks
     stats.update(documents=len(loaded.documents), chunks=len(chunks), **{"chunks asked": len(asked)})

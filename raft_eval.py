@@ -28,7 +28,7 @@ import metrics
 import report
 from config import EVAL_SCHEMA, RAFT_SCHEMA, TOOLKIT_VERSION, ConfigError, apply_overrides, fill_prompt, load_config
 from llm_client import ChatClient, LLMFatalError, public_host
-from raft_utils import InputError, final_answer, instruction, load_documents, split_documents
+from raft_utils import InputError, final_answer, instruction, load_chunks
 from retrieval import KINDS, build_retrievers
 
 DEFAULT_URL = "http://localhost:8000/v1"
@@ -198,20 +198,6 @@ def support_recall(retrievers, chunks, questions, ks) -> dict[str, dict[str, flo
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
-def load_corpus(cfg):
-    loaded = load_documents(cfg["data_dir"], cfg["xml_path"], cfg["verify_ssl"])
-    if not loaded.documents:
-        raise InputError("no documents to retrieve from in "
-                         + (" and ".join(filter(None, [cfg["data_dir"], cfg["xml_path"]])) or "(no source given)")
-                         + ": set data_dir (-d) or xml_path"
-                         + "".join(f"\n  {source}: {why}" for source, why in loaded.skipped))
-    chunks, _ = split_documents(loaded.documents, cfg["chunk_size"])
-    if not chunks:
-        raise InputError(f"the documents in {cfg['data_dir'] or cfg['xml_path']} gave no chunk longer than 100 "
-                         "characters")
-    return loaded, chunks
-
-
 def clamp_topks(topks: list[int], chunk_count: int) -> list[int]:
     kept = sorted({min(k, chunk_count) for k in topks})
     if max(topks) > chunk_count:
@@ -265,7 +251,7 @@ def run(args) -> int:
     baselines = [parse_baseline(spec) for spec in args.baseline]
     questions = read_eval_file(cfg["eval_file"])[:args.limit]
     refusal_answer = load_config(cfg["raft_config"], RAFT_SCHEMA)["refusal_answer"]
-    loaded, chunks = load_corpus(cfg)
+    loaded, chunks, _ = load_chunks(cfg["data_dir"], cfg["xml_path"], cfg["verify_ssl"], cfg["chunk_size"])
     topks = clamp_topks(cfg["rag_topk"], len(chunks))
     endpoints = open_endpoints(cfg, args, baselines, output)
     *systems, judge = endpoints

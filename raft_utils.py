@@ -154,6 +154,22 @@ def split_documents(documents: list[Document], chunk_size: int) -> tuple[list[Ch
             chunks.append(Chunk(text, piece.metadata.get("source", "")))
     return chunks, dropped
 
+
+def load_chunks(data_dir: str, xml_path: str, verify_ssl: bool, chunk_size: int
+                ) -> tuple[LoadReport, list[Chunk], dict]:
+    """Load both sources and chunk them: (load report, chunks, chunks dropped by reason). raft.py, raft_eval.py
+    and chat.py all start here, so the retriever sees the chunks the teacher was asked about. An InputError names
+    the sources, and every file skipped, when nothing usable is left."""
+    loaded = load_documents(data_dir, xml_path, verify_ssl)
+    sources = " and ".join(filter(None, [data_dir, xml_path]))
+    if not loaded.documents:
+        raise InputError(f"no documents could be read from {sources}: check data_dir and xml_path (or --data_dir)"
+                         + "".join(f"\n  {source}: {why}" for source, why in loaded.skipped))
+    chunks, dropped = split_documents(loaded.documents, chunk_size)
+    if not chunks:
+        raise InputError(f"the documents in {sources} gave no chunk longer than {MIN_CHUNK_CHARS} characters")
+    return loaded, chunks, dropped
+
 # ============================================================================ parse
 
 

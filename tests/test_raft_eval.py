@@ -140,7 +140,7 @@ def test_empty_corpus(servers, eval_setup, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert run_eval(servers, eval_setup, "-d", str(empty)) == 2
-    assert "no documents to retrieve from in" in one_line_error(capsys)
+    assert f"no documents could be read from {empty}" in one_line_error(capsys)
 
 
 def test_bad_baseline_spec(servers, eval_setup, capsys):
