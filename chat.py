@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 
 import metrics
-from config import EVAL_SCHEMA, RAFT_SCHEMA, ConfigError, apply_overrides, fill_prompt, load_config
+from config import EVAL_SCHEMA, RAFT_SCHEMA, ConfigError, fill_prompt, load_config, load_config_with_flags
 from llm_client import ChatClient, LLMFatalError, public_host
 from raft_utils import InputError, final_answer, instruction, load_chunks
 from retrieval import build_retriever
@@ -225,9 +225,7 @@ def interactive(assistant, model, args) -> int:
 
 
 def run(args) -> int:
-    cfg = load_config(args.config, EVAL_SCHEMA)
-    overrides = {k: getattr(args, k) for k in EVAL_SCHEMA if getattr(args, k, None) is not None}
-    cfg = apply_overrides(cfg, overrides, EVAL_SCHEMA)
+    cfg = load_config_with_flags(args.config, EVAL_SCHEMA, args)
     if args.json and not args.question:
         raise ConfigError("--json needs --question (one-shot mode)")
     topk = args.topk or cfg["rag_topk"][0]

@@ -127,6 +127,12 @@ def apply_overrides(config: dict, overrides: dict, schema: dict[str, Key]) -> di
     return merged
 
 
+def load_config_with_flags(path: str, schema: dict[str, Key], flags) -> dict:
+    """The config file, then every parsed command-line flag (argparse namespace) named like one of its keys."""
+    overrides = {name: getattr(flags, name) for name in schema if getattr(flags, name, None) is not None}
+    return apply_overrides(load_config(path, schema), overrides, schema)
+
+
 # Keys both configs have: the sources and their chunking (the retriever must chunk as raft.py did), and the client.
 SOURCE_KEYS: dict[str, Key] = {
     "data_dir": Key(str),

@@ -20,7 +20,7 @@ from pathlib import Path
 import datasets
 
 import format as formats
-from config import RAFT_SCHEMA, TOOLKIT_VERSION, ConfigError, apply_overrides, fill_prompt, load_config
+from config import RAFT_SCHEMA, TOOLKIT_VERSION, ConfigError, fill_prompt, load_config_with_flags
 from llm_client import ChatClient, LLMFatalError, public_host
 from raft_utils import (QA, AssemblySettings, InputError, assemble, chunks_needed, final_answer, load_chunks,
                         normalise, parse_questions, quotes_verified)
@@ -153,9 +153,7 @@ def print_summary(stats, client, target, skipped, seconds):
 
 def run(args) -> int:
     started = time.time()
-    cfg = load_config(args.config, RAFT_SCHEMA)
-    overrides = {k: getattr(args, k) for k in RAFT_SCHEMA if getattr(args, k, None) is not None}
-    cfg = apply_overrides(cfg, overrides, RAFT_SCHEMA)
+    cfg = load_config_with_flags(args.config, RAFT_SCHEMA, args)
     stats = {"dropped": collections.Counter()}
 
     loaded, chunks, stats["chunks dropped"] = load_chunks(cfg["data_dir"], cfg["xml_path"], cfg["verify_ssl"],

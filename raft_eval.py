@@ -26,7 +26,8 @@ from pathlib import Path
 import format as formats
 import metrics
 import report
-from config import EVAL_SCHEMA, RAFT_SCHEMA, TOOLKIT_VERSION, ConfigError, apply_overrides, fill_prompt, load_config
+from config import (EVAL_SCHEMA, RAFT_SCHEMA, TOOLKIT_VERSION, ConfigError, fill_prompt, load_config,
+                    load_config_with_flags)
 from llm_client import ChatClient, LLMFatalError, public_host
 from raft_utils import InputError, final_answer, instruction, load_chunks
 from retrieval import KINDS, build_retrievers
@@ -242,9 +243,7 @@ def close_all(endpoints: list[Endpoint]):
 
 def run(args) -> int:
     started = time.time()
-    cfg = load_config(args.config, EVAL_SCHEMA)
-    overrides = {k: getattr(args, k) for k in EVAL_SCHEMA if getattr(args, k, None) is not None}
-    cfg = apply_overrides(cfg, overrides, EVAL_SCHEMA)
+    cfg = load_config_with_flags(args.config, EVAL_SCHEMA, args)
     output = Path(cfg["output"])
     if args.draft_from:
         return write_draft(args, output)

@@ -1,10 +1,11 @@
+import argparse
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from config import RAFT_SCHEMA, ConfigError, apply_overrides, load_config
+from config import RAFT_SCHEMA, ConfigError, apply_overrides, load_config, load_config_with_flags
 from tests.conftest import ROOT
 
 
@@ -74,3 +75,10 @@ def test_cli_reports_a_config_mistake_in_one_line(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "raft.py"), "-c", path], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [f"error: {path}: key 'oracle_probability' must be between 0 and 1, got 2.0"]
+
+
+def test_flags_named_like_keys_win_over_the_file():
+    flags = argparse.Namespace(config="x", chunk_size=500, seed=None, unrelated="kept out")
+    cfg = load_config_with_flags(str(ROOT / "raft.yaml"), RAFT_SCHEMA, flags)
+    assert cfg["chunk_size"] == 500 and cfg["seed"] == load_config(str(ROOT / "raft.yaml"), RAFT_SCHEMA)["seed"]
+    assert "unrelated" not in cfg
