@@ -98,6 +98,17 @@ def answer_supported(retrieved_text: str, gold_answer: str, threshold: float = S
     return len(wanted & present) / len(wanted) > threshold
 
 
+def support_recall(rankings: Sequence[Sequence[int]], chunks: Sequence, gold_answers: Sequence[str],
+                   k: int) -> Optional[float]:
+    """Answer-support recall@k: the share of questions whose top-k chunks (rankings: chunk indices, best first,
+    one list per question) support the gold answer. Answers without content words (such as 'Yes') are left out;
+    None when no answer is left."""
+    supported = [answer_supported(" ".join(chunks[i].text for i in ranking[:k]), gold)
+                 for ranking, gold in zip(rankings, gold_answers)]
+    judged = [s for s in supported if s is not None]
+    return sum(judged) / len(judged) if judged else None
+
+
 def mean(values: Sequence[float]) -> Optional[float]:
     return sum(values) / len(values) if values else None
 

@@ -182,22 +182,6 @@ def judge_all(judge: ChatClient, cfg, questions, entries: list[tuple[int, dict]]
         entry.setdefault("verdict", None)
 
 
-# ---- retrieval diagnostic --------------------------------------------------------------------------------
-def support_recall(retrievers, chunks, questions, ks) -> dict[str, dict[str, float]]:
-    """Per retriever kind, the share of questions whose top-k text contains most of the gold answer's content
-    words (questions whose answer has no content word, such as 'Yes', are left out)."""
-    table = {}
-    for kind, retriever in retrievers.items():
-        rankings = retriever.rank([q["question"] for q in questions], max(ks))
-        table[kind] = {}
-        for k in ks:
-            supported = [metrics.answer_supported(" ".join(chunks[i].text for i in ranking[:k]), q["answer"])
-                         for q, ranking in zip(questions, rankings)]
-            judged = [s for s in supported if s is not None]
-            table[kind][f"recall@{k}"] = sum(judged) / len(judged) if judged else None
-    return table
-
-
 # ---- the run ----------------------------------------------------------------------------------------------
 def clamp_topks(topks: list[int], chunk_count: int) -> list[int]:
     kept = sorted({min(k, chunk_count) for k in topks})
@@ -258,9 +242,13 @@ def run(args) -> int:
         retrievers = build_retrievers(chunks, [cfg["retriever"]] + [k for k in KINDS if k != cfg["retriever"]],
                                       cfg["embedding_model"], cfg["index_cache"] or None, cfg["embedding_batch_size"],
                                       cfg["embedding_dtype"])
-        rankings = retrievers[cfg["retriever"]].rank([q["question"] for q in questions], max(topks))
-        support = support_recall(retrievers, chunks, questions,
-                                 sorted({k for k in SUPPORT_KS + tuple(topks) if k <= len(chunks)}))
+        # Every kind ranks the questions once, deep enough for the answers and the answer-support diagnostic.
+        support_ks = sorted({k for k in SUPPORT_KS + tuple(topks) if k <= len(chunks)})
+        by_kind = {kind: retriever.rank([q["question"] for q in questions], max(support_ks))
+                   for kind, retriever in retrievers.items()}
+        support = {kind: {f"recall@{k}": metrics.support_recall(ranked, chunks, [q["answer"] for q in questions], k)
+                          for k in support_ks} for kind, ranked in by_kind.items()}
+        rankings = [ranking[:max(topks)] for ranking in by_kind[cfg["retriever"]]]
         requests = answer_requests(cfg, questions, chunks, rankings, topks)
         log = [{"question": q["question"], "answer": q["answer"],
                 "retrieved": [{"rank": r, "chunk": i, "source": chunks[i].source} for r, i in enumerate(ranking, 1)],

@@ -27,7 +27,7 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 from langchain_core.documents import Document  # noqa: E402
 
 import metrics  # noqa: E402
-from raft_utils import load_documents, split_documents  # noqa: E402
+from raft_utils import content_words, load_documents, split_documents  # noqa: E402
 from retrieval import (DEFAULT_EMBEDDING_MODEL, BM25Index, DenseIndex, Embedder, EmbeddingCache,  # noqa: E402
                        HybridIndex, embedding_model_path)
 
@@ -69,19 +69,10 @@ def toolkit_side(chunks, questions, repeat):
     return cold32, (embedder.dtype, cold), warm, query / len(questions), {"dense": dense, "bm25": bm25, "hybrid": HybridIndex(dense, bm25)}
 
 
-def recall_table(retrievers, chunks, eval_items):
-    questions = [item["question"] for item in eval_items]
-    table = {}
-    for kind, retriever in retrievers.items():
-        rankings = retriever.rank(questions, max(KS))
-        row = []
-        for k in KS:
-            supported = [metrics.answer_supported(" ".join(chunks[i].text for i in ranking[:k]), item["answer"])
-                         for item, ranking in zip(eval_items, rankings)]
-            judged = [s for s in supported if s is not None]
-            row.append(sum(judged) / len(judged))
-        table[kind] = row
-    return table, len(judged)
+def recall_table(retrievers, chunks, eval_items) -> dict[str, list[float]]:
+    rankings = {kind: r.rank([item["question"] for item in eval_items], max(KS)) for kind, r in retrievers.items()}
+    answers = [item["answer"] for item in eval_items]
+    return {kind: [metrics.support_recall(ranked, chunks, answers, k) for k in KS] for kind, ranked in rankings.items()}
 
 
 def main():
@@ -102,7 +93,8 @@ def main():
     print(f"query         LangChain, one at a time       {ref_query * 1000:8.2f} ms/question")
     print(f"              retrieval.py, one batch        {query * 1000:8.2f} ms/question   {ref_query / query:5.1f}x")
 
-    table, judged = recall_table(retrievers, chunks, eval_items)
+    table = recall_table(retrievers, chunks, eval_items)
+    judged = sum(bool(content_words(item["answer"])) for item in eval_items)
     print(f"answer-support recall ({judged} questions with content words in the answer)")
     print("              " + "  ".join(f"@{k:<5}" for k in KS))
     for kind, row in table.items():

@@ -88,3 +88,13 @@ def test_reciprocal_rank_fusion_by_hand():
     assert reciprocal_rank_fusion([["a", "b", "c", "d"], ["b", "c", "a"]]) == ["b", "a", "c", "d"]
     assert reciprocal_rank_fusion([["x", "y"], ["y", "x"]]) == ["x", "y"]     # a tie keeps first-seen order
     assert reciprocal_rank_fusion([[1, 2], [3]], k=0) == [1, 3, 2]           # 1/1, 1/1, 1/2
+
+
+def test_support_recall_by_hand():
+    from raft_utils import Chunk
+    chunks = [Chunk("Llama 3.1 reads 128K tokens.", "a"), Chunk("vLLM listens on port 8000.", "b")]
+    rankings = [[1, 0], [0, 1], [0, 1]]
+    answers = ["128K tokens", "port 8000", "Yes"]        # the third has no content word: left out
+    assert metrics.support_recall(rankings, chunks, answers, 1) == 0.0
+    assert metrics.support_recall(rankings, chunks, answers, 2) == 1.0
+    assert metrics.support_recall([[0]], chunks, ["Yes"], 1) is None
