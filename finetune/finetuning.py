@@ -115,12 +115,12 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 def load_tokenizer_and_model(args, device, rank: int, world: int):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
-    source, extra = args.model_name, {}
+    source, gguf, weights = args.model_name, {}, {}
     if source.endswith(".gguf"):
+        source, gguf = str(Path(source).parent), {"gguf_file": Path(source).name}
         # dequantize=True: a GGUF model otherwise stays marked quantized, untrainable and unsaveable.
-        source, extra = str(Path(source).parent), {"gguf_file": Path(source).name,
-                                                   "quantization_config": GgufConfig(dequantize=True)}
-    tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in extra.items() if k == "gguf_file"})
+        weights = {"quantization_config": GgufConfig(dequantize=True)}
+    tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
     attention = "sdpa"
     if args.use_fast_kernels:
         try:
@@ -132,11 +132,11 @@ def load_tokenizer_and_model(args, device, rank: int, world: int):
     if args.enable_fsdp and world > 1 and rank > 0:
         # Only rank 0 reads the weights; the others build the same model on the meta device (no memory) and receive
         # their shards from rank 0 in shard(): a node holds one copy of the model in RAM, not one per process.
-        config = AutoConfig.from_pretrained(source, **{k: v for k, v in extra.items() if k == "gguf_file"})
+        config = AutoConfig.from_pretrained(source, **gguf)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention, **extra)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention, **gguf, **weights)
     model.config.use_cache = False     # a cache in training also hides packed rows from the attention mask
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
@@ -168,7 +168,7 @@ def shard(model, args, rank: int, world: int, device):
         raise DataError(f"{world} processes need --enable_fsdp")
     if not args.enable_fsdp:
         return model
-    full_state = model.state_dict() if rank == 0 else {}     # rank 0's full weights, kept until sent
+    full_state = model.state_dict() if rank == 0 and world > 1 else {}     # rank 0 keeps them until sent
     mesh = init_device_mesh(device.type, (world,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if args.mixed_precision and not args.pure_bf16 else MixedPrecisionPolicy()
