@@ -29,15 +29,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-GGUF_PACKAGE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"      # fetched by scripts/teacher.sh setup
 
 
 # ---- shared set-up ------------------------------------------------------------------------------------------
 def smollm2_gguf() -> Path:
-    candidates = [ROOT / "models" / GGUF_PACKAGE_FILE]
-    if not candidates[0].exists():
-        raise SystemExit(f"{candidates[0]} not found: run scripts/teacher.sh setup (make setup) first")
-    return candidates[0]
+    if not GGUF.exists():
+        raise SystemExit(f"{GGUF} not found: run scripts/teacher.sh setup (make setup) first")
+    return GGUF
 
 
 def build_model(kind: str, folder: Path):
