@@ -21,6 +21,7 @@ from pathlib import Path
 
 import metrics
 from config import EVAL_SCHEMA, RAFT_SCHEMA, ConfigError, fill_prompt, load_config, load_config_with_flags
+from hardware import compute_dtype, torch_dtype
 from llm_client import ChatClient, LLMFatalError, public_host
 from raft_utils import InputError, final_answer, instruction, load_chunks
 from retrieval import build_retriever
@@ -72,14 +73,16 @@ class LocalModel:
 
     def __init__(self, path: str):
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        # bf16 only where the hardware has it: a bf16 checkpoint run as saved crawls on a CPU without bf16 units.
+        self.dtype, self.dtype_reason = compute_dtype("auto")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForCausalLM.from_pretrained(path).eval()
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(self.dtype)).eval()
         except (OSError, ValueError) as e:
             raise InputError(f"--model_path {path} is not a Hugging Face model folder ({str(e).splitlines()[0]})") from None
         if not self.tokenizer.chat_template:
             raise InputError(f"--model_path {path}: the tokenizer has no chat template")
-        self.name, self.where = Path(path).name, "this process"
+        self.name, self.where = Path(path).name, f"this process, {self.dtype}"
 
     def stream(self, messages, params):
         from transformers import StoppingCriteria, TextIteratorStreamer

@@ -4,12 +4,13 @@
 
 Both sides train the same model (a small randomly initialised Llama with SmolLM2's tokenizer, or SmolLM2-135M
 itself) on the same RAFT examples with the same labels (finetune/raft_dataset.py masks the prompt), with 2
-torchrun processes on gloo (OMP_NUM_THREADS=1 each), bf16 compute and about 8 examples per optimizer step:
+torchrun processes on gloo (OMP_NUM_THREADS=1 each), the precision hardware.py picks for this machine (bf16 compute
+where the CPU has bf16 units, float32 elsewhere; printed first) and about 8 examples per optimizer step:
   this trainer   FSDP2, examples packed into rows of --context_length tokens (~4 examples a row, 1 row per rank),
                  and again with its padding strategy (4 examples per process, padded to the longest), both with
                  logits only at answer positions
   HF Trainer     DDP, 4 examples per process, padded to the longest in the batch (its standard collator),
-                 SDPA attention, bf16 autocast, length-grouped batches (train_sampling_strategy="group_by_length":
+                 SDPA attention, bf16 autocast where the trainer computes in bf16, length-grouped batches (train_sampling_strategy="group_by_length":
                  its own cure for padding)
 Throughput counts useful (non-padding) tokens per second over the steps after the first (warm-up); peak memory
 is rank 0's peak resident set size. Without --data_path, RAFT examples are assembled from data/'s real chunks
@@ -29,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from hardware import CHOICES, compute_dtype  # noqa: E402
 GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"      # fetched by scripts/teacher.sh setup
 
 
@@ -125,7 +127,7 @@ def hf_worker(args):
     model.register_forward_pre_hook(count, with_kwargs=True)
     clock = Clock()
     training = TrainingArguments(output_dir=args.out, per_device_train_batch_size=args.per_device, max_steps=args.steps,
-                                 learning_rate=1e-4, bf16=True, use_cpu=True, save_strategy="no", report_to=[],
+                                 learning_rate=1e-4, bf16=args.precision == "bfloat16", use_cpu=True, save_strategy="no", report_to=[],
                                  logging_steps=args.steps, dataloader_num_workers=0, ddp_backend="gloo",
                                  train_sampling_strategy="group_by_length", remove_unused_columns=False, seed=42,
                                  disable_tqdm=True)
@@ -147,8 +149,10 @@ def torchrun(*command, timeout=3600):
     return done.stdout
 
 
-def ours(model_dir: Path, data: Path, work: Path, strategy: str, context_length: int, batch: int, steps: int) -> dict:
+def ours(model_dir: Path, data: Path, work: Path, strategy: str, context_length: int, batch: int, steps: int,
+         precision: str) -> dict:
     out = torchrun(str(ROOT / "finetune" / "finetuning.py"), "--enable_fsdp", "--model_name", str(model_dir),
+                   "--mixed_precision", str(precision == "bfloat16"),
                    "--data_path", str(data), "--context_length", str(context_length), "--batching_strategy", strategy,
                    "--batch_size_training", str(batch), "--max_steps", str(steps), "--log_every", str(steps),
                    "--run_validation", "False", "--save_checkpoints", "False", "--lr", "1e-4",
@@ -169,9 +173,13 @@ def main():
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--per_device", type=int, default=4, help=argparse.SUPPRESS)
+    parser.add_argument("--precision", choices=CHOICES, default="auto",
+                        help="compute dtype of both sides (default auto: bf16 where the CPU has bf16 units)")
     args = parser.parse_args()
     if args.hf_worker:
         return hf_worker(args)
+    args.precision, why = compute_dtype(args.precision, "cpu")
+    print(f"precision: {args.precision} ({why})", flush=True)
 
     examples_per_step = 8
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,9 +201,11 @@ def main():
               f"{mean:.0f} tokens on average ({min(lengths)}-{max(lengths)}); {args.steps} steps of ~{examples_per_step} "
               f"examples per side; packing rows of {context_length} tokens", flush=True)
 
-        packed = ours(work / "model", data, work, "packing", context_length, 1, args.steps)
-        padded = ours(work / "model", data, work, "padding", max(lengths), examples_per_step // 2, args.steps)
+        packed = ours(work / "model", data, work, "packing", context_length, 1, args.steps, args.precision)
+        padded = ours(work / "model", data, work, "padding", max(lengths), examples_per_step // 2, args.steps,
+                      args.precision)
         out = torchrun(str(Path(__file__).resolve()), "--hf_worker", "--model_dir", str(work / "model"),
+                       "--precision", args.precision,
                        "--data", str(data), "--out", str(work / "hf"), "--steps", str(args.steps),
                        "--per_device", str(examples_per_step // 2))
         theirs = json.loads(out.split("HF_RESULT ", 1)[1].splitlines()[0])

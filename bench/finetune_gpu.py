@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from hardware import compute_dtype  # noqa: E402
 WORDS = ("llama model token context window layer attention tensor shard gradient batch learning rate "
          "license guard prompt answer document question memory GPU node cluster quantize adapter").split()
 
@@ -96,10 +98,11 @@ def main():
               "4000-token examples, one per row": (work / "long.jsonl", 60, 520 // scale, 300 // scale)}
     peak = 989.4e12
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    precision, why = compute_dtype("auto")         # what the trainer's --mixed_precision auto picks here
     print(f"device {name}; model: {parameters / 1e9:.2f} B parameters, hidden {config.hidden_size}, "
           f"{config.num_hidden_layers} layers, vocab {config.vocab_size}; sequence {args.seq}, {args.batch} rows a step, "
           f"{args.steps} steps, "
-          "bf16 compute with fp32 master weights (FSDP2 MixedPrecisionPolicy), SDPA")
+          f"{precision} compute with fp32 master weights ({why}; FSDP2 MixedPrecisionPolicy), SDPA")
     for label, (path, n, doc_words, answer_words) in shapes.items():
         write_records(path, n * (4 if not args.tiny else 1), doc_words, answer_words)
         records = [json.loads(line) for line in open(path)]

@@ -12,7 +12,7 @@
 #   TEACHER_VENV [.venv-teacher]  TEACHER_MODEL_DIR [models]
 #   TEACHER_MODEL [$TEACHER_MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf]
 #   TEACHER_PORT [8001]  TEACHER_ALIAS [smollm2-135m-instruct]
-#   TEACHER_THREADS [2]  TEACHER_CTX [8192]  TEACHER_START_TIMEOUT [120 s]
+#   TEACHER_THREADS [usable cores, nproc]  TEACHER_CTX [8192]  TEACHER_START_TIMEOUT [120 s]
 set -euo pipefail
 cd "$(dirname "$0")/.."   # all paths below are relative to the repo root
 
@@ -29,7 +29,9 @@ LLAMA_CPP_SDIST="llama-cpp-python==0.3.36"
 CONVERT_DIR="$VENV/llama.cpp-convert"
 PORT="${TEACHER_PORT:-8001}"
 ALIAS="${TEACHER_ALIAS:-smollm2-135m-instruct}"
-THREADS="${TEACHER_THREADS:-2}"   # measured fastest on the 2-core dev box
+# One thread per usable core (nproc honours CPU affinity and container limits): more threads than cores make
+# llama.cpp's spinning workers fight over them and generation slows down many times over.
+THREADS="${TEACHER_THREADS:-$(nproc)}"
 CTX="${TEACHER_CTX:-8192}"
 START_TIMEOUT="${TEACHER_START_TIMEOUT:-120}"
 RUN_DIR=".run"
