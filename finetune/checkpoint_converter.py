@@ -12,7 +12,6 @@ the same source package as the local server (scripts/teacher.sh setup fetches it
 model is served on a CPU:  TEACHER_MODEL=FILE TEACHER_ALIAS=raft-student scripts/teacher.sh start
 """
 import argparse
-import json
 import subprocess
 import sys
 import warnings
@@ -21,14 +20,17 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))    # run as a script: the repo's modules
+from finetune.checkpoints import LATEST, CheckpointError, read_latest  # noqa: E402
+
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CONVERT_SCRIPT = Path(__file__).resolve().parent.parent / ".venv-teacher" / "llama.cpp-convert" / "convert_hf_to_gguf.py"
 
 
 def locate(path: Path) -> tuple[Path, Path]:
     """(step folder, folder with the config and tokenizer saved at the start of training)."""
-    if (path / "latest.json").exists():
-        return path / json.loads((path / "latest.json").read_text())["path"], path / "hf_meta"
+    if (path / LATEST).exists():
+        return path / read_latest(path)["path"], path / "hf_meta"
     if (path / ".metadata").exists():
         return path, path.parent / "hf_meta"
     raise FileNotFoundError(f"{path} is neither a fine-tuning folder (no latest.json) nor a checkpoint step "
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
         print(f"wrote a Hugging Face model folder to {out}")
         if args.gguf:
             print(f"wrote {to_gguf(out, args.gguf, args.gguf_outtype)} ({args.gguf_outtype})")
-    except (FileNotFoundError, OSError, RuntimeError) as e:
+    except (CheckpointError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

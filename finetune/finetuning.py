@@ -5,20 +5,32 @@
       --num_epochs 1 --batch_size_training 1 --model_name meta-llama/Meta-Llama-3-8B-Instruct \
       --dist_checkpoint_root_folder ./raft-8b --dist_checkpoint_folder fine-tuned \
       --dataset raft --data_path output/raft.jsonl --run_validation True
+  # two nodes of 8 GPUs: the same command on each node, with torchrun's rendezvous flags
+  torchrun --nnodes 2 --nproc_per_node 8 --node_rank 0 --rdzv_backend c10d --rdzv_endpoint NODE0:29500 ...
   # on a CPU, two processes over gloo
-  OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 finetune/finetuning.py --enable_fsdp ...
+  torchrun --standalone --nproc_per_node 2 finetune/finetuning.py --enable_fsdp ...
   # or one plain process
   python finetune/finetuning.py ...
 
 Each decoder layer, then the root, is sharded with fully_shard (FSDP2); NCCL on CUDA, gloo on CPU. Weights and
-optimizer state stay fp32 ("master weights"); --mixed_precision (default) computes in bf16. --pure_bf16 keeps
-the weights themselves in bf16: with AdamW at lr 1e-5 the updates then vanish below bf16's resolution and the
-model does not learn, so it is off by default. The loss is the mean over every answer token of an optimizer
-step, across micro-batches and ranks, so that it does not depend on how the tokens are batched.
+optimizer state stay fp32 ("master weights"); --mixed_precision auto (default) computes in bf16 where the hardware
+multiplies it natively (a GPU with bf16, a CPU with AMX or AVX512-BF16) and in float32 elsewhere, where bf16 is
+emulated and 40x slower (hardware.py decides; the log says what it chose and why). --pure_bf16 keeps the weights
+themselves in bf16: with AdamW at lr 1e-5 the updates then vanish below bf16's resolution and the model does not
+learn, so it is off by default. On a CPU each process uses its share of the node's cores (hardware.py).
 
-Checkpoints (torch.distributed.checkpoint, one shard per rank) go to <root>/<folder>/step_N with the step, the
-data position and the RNG state; --resume continues from the newest one with the same losses as an
-uninterrupted run. finetune/checkpoint_converter.py turns one into a Hugging Face folder.
+Each epoch shuffles the rows once; an optimizer step takes the next world x batch x accumulation rows of that
+order, dealt to the ranks. The loss is the mean over every answer token of an optimizer step, across
+micro-batches and ranks, so that it does not depend on how the tokens are batched. Training steps run in train
+mode (dropout, gradient checkpointing), validation in eval mode without gradients, on every rank.
+
+Checkpoints (finetune/checkpoints.py: torch.distributed.checkpoint, one shard per rank) go to <root>/<folder>/step_N
+with the step, the data position in global terms and the RNG state; the newest --keep_checkpoints are kept.
+--resume continues from the newest one with the same losses as an uninterrupted run, on the same number of ranks
+or another one. finetune/checkpoint_converter.py turns one into a Hugging Face folder.
+
+A user error (bad data, a context too short) is printed once, by the first rank that finds it, before any rank
+exits: torchrun stops the other processes as soon as one exits.
 """
 import argparse
 import json
@@ -29,21 +41,23 @@ import resource
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))    # run as a script: the repo's modules
 
 from config import EVAL_SCHEMA, ConfigError, load_config  # noqa: E402
-from finetune.raft_dataset import IGNORE_INDEX, DataError, collate, encode, load_records, pack, unpacked  # noqa: E402
+from hardware import compute_dtype, threads_per_process  # noqa: E402
+from finetune import checkpoints  # noqa: E402
+from finetune.raft_dataset import (IGNORE_INDEX, DataError, collate, encode, join_rows, load_records, pack,  # noqa: E402
+                                   split_by_question, unpacked)
 
 
 def str2bool(value: str) -> bool:
@@ -52,6 +66,13 @@ def str2bool(value: str) -> bool:
     if value.lower() in ("false", "0", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected True or False, got {value}")
+
+
+def mixed_precision_setting(value: str) -> str:
+    """auto, or a boolean spelled as str2bool accepts it; returned as the hardware.compute_dtype choice."""
+    if value.lower() == "auto":
+        return "auto"
+    return "bfloat16" if str2bool(value) else "float32"
 
 
 def parse_args(argv=None):
@@ -69,9 +90,13 @@ def parse_args(argv=None):
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--batching_strategy", choices=["packing", "padding"], default="packing")
     p.add_argument("--run_validation", type=str2bool, default=True)
-    p.add_argument("--val_split", type=float, default=0.1, help="share of records held out (seed 42 split)")
-    p.add_argument("--mixed_precision", type=str2bool, default=True, help="bf16 compute, fp32 master weights")
+    p.add_argument("--val_split", type=float, default=0.1,
+                   help="share of records held out, whole questions at a time (seed 42 split)")
+    p.add_argument("--mixed_precision", type=mixed_precision_setting, default="auto",
+                   help="bf16 compute with fp32 master weights: auto (default: where bf16 is native), true or false")
     p.add_argument("--pure_bf16", action="store_true", help="bf16 weights too (does not learn at lr 1e-5)")
+    p.add_argument("--cpu_threads", type=int, default=0,
+                   help="threads per process on a CPU (default 0: the usable cores / processes on the node)")
     p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations: less memory")
     p.add_argument("--use_fast_kernels", action="store_true", help="flash attention 2 where installed, else SDPA")
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps in all (0: no limit)")
@@ -79,7 +104,10 @@ def parse_args(argv=None):
     p.add_argument("--dist_checkpoint_root_folder", default="checkpoints")
     p.add_argument("--dist_checkpoint_folder", default="fine-tuned")
     p.add_argument("--save_every", type=int, default=0, help="also checkpoint every N steps (0: at epoch ends)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in the folder (on any number of ranks)")
+    p.add_argument("--keep_checkpoints", type=int, default=2,
+                   help="keep the newest N step_* checkpoints and delete older ones (0: keep all)")
     p.add_argument("--save_checkpoints", type=str2bool, default=True, help="False for a throughput measurement")
     p.add_argument("--log_every", type=int, default=10, help="record the training loss every N steps")
     p.add_argument("--use_peft", action="store_true", help="train a LoRA adapter instead of every weight")
@@ -96,7 +124,7 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------------------------------ set-up
 
-def init_distributed() -> tuple[int, int, torch.device]:
+def init_distributed(cpu_threads: int = 0) -> tuple[int, int, torch.device]:
     """torchrun sets RANK/WORLD_SIZE; a plain process becomes a group of one, so the code path is the same."""
     if "RANK" not in os.environ:
         with socket.socket() as s:
@@ -109,8 +137,20 @@ def init_distributed() -> tuple[int, int, torch.device]:
         dist.init_process_group("nccl")
     else:
         device = torch.device("cpu")
+        # torchrun gives each process one thread by default; the processes of a node share its cores instead.
+        torch.set_num_threads(cpu_threads or threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def choose_precision(args, device) -> tuple[str, str]:
+    """(compute dtype, the line that says why): bf16 only where asked for or native (hardware.compute_dtype)."""
+    if args.pure_bf16:
+        _, why = compute_dtype("bfloat16", device.type)
+        return "bfloat16", f"bf16 weights and compute (--pure_bf16; {why})"
+    dtype, why = compute_dtype(args.mixed_precision, device.type)
+    what = "bf16 compute, fp32 master weights" if dtype == "bfloat16" else "float32 compute and weights"
+    return dtype, f"{what} (--mixed_precision {why})"
 
 
 def load_tokenizer_and_model(args, device, rank: int, world: int):
@@ -128,6 +168,8 @@ def load_tokenizer_and_model(args, device, rank: int, world: int):
             attention = "flash_attention_2"
         except ImportError:
             pass
+    # transformers hands flash attention the example boundaries of packed rows only when a batch has one row.
+    args.join_packed_rows = attention == "flash_attention_2" and args.batching_strategy == "packing"
     dtype = torch.bfloat16 if args.pure_bf16 else torch.float32
     if args.enable_fsdp and world > 1 and rank > 0:
         # Only rank 0 reads the weights; the others build the same model on the meta device (no memory) and receive
@@ -171,7 +213,7 @@ def shard(model, args, rank: int, world: int, device):
     full_state = model.state_dict() if rank == 0 and world > 1 else {}     # rank 0 keeps them until sent
     mesh = init_device_mesh(device.type, (world,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if args.mixed_precision and not args.pure_bf16 else MixedPrecisionPolicy()
+        if args.compute_dtype == "bfloat16" and not args.pure_bf16 else MixedPrecisionPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -185,12 +227,13 @@ def shard(model, args, rank: int, world: int, device):
 
 
 def build_rows(records, args, tokenizer, rank):
-    """Train and validation rows; the split and the encoding are the same on every rank."""
-    random.Random(42).shuffle(records)
-    n_val = int(len(records) * args.val_split) if args.run_validation else 0
+    """Train and validation rows; the split and the encoding are the same on every rank. The split keeps every
+    copy of a question (with the oracle, without it, the refusal) on one side, so validation never sees a question
+    that was trained on."""
+    train_records, val_records = split_by_question(records, args.val_split if args.run_validation else 0.0, seed=42)
     rag_prompt = load_config(args.prompt_config, EVAL_SCHEMA)["rag_prompt"]
-    train = encode(records[n_val:], tokenizer, rag_prompt, args.context_length)
-    val = encode(records[:n_val], tokenizer, rag_prompt, args.context_length)
+    train = encode(train_records, tokenizer, rag_prompt, args.context_length)
+    val = encode(val_records, tokenizer, rag_prompt, args.context_length)
     if not train.examples:
         raise DataError(f"no training example fits --context_length {args.context_length} "
                         f"({train.dropped} dropped whole): raise --context_length")
@@ -202,14 +245,38 @@ def build_rows(records, args, tokenizer, rank):
     return to_rows(train.examples, args.context_length), to_rows(val.examples, args.context_length), train, val
 
 
-def rank_batches(rows, shuffle_seed: int, size: int, rank: int, world: int) -> list[list[dict]]:
-    """This rank's micro-batches: one shuffle per epoch, then an equal slice per rank, so that every rank
-    takes the same number of steps (collectives must match)."""
-    order = list(range(len(rows)))
-    random.Random(shuffle_seed).shuffle(order)
-    per_rank = len(order) // world
-    mine = [rows[i] for i in order[rank * per_rank:(rank + 1) * per_rank]]
-    return [mine[i:i + size] for i in range(0, len(mine) - size + 1, size)]
+@dataclass(frozen=True)
+class Shape:
+    """How many rows one optimizer step takes: ranks x rows per micro-batch x micro-batches."""
+    world: int
+    batch: int
+    accumulate: int
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.world * self.batch * self.accumulate
+
+
+def epoch_order(rows: int, seed: int) -> list[int]:
+    """The epoch's order of the rows: the same on every rank and for every number of ranks."""
+    order = list(range(rows))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def step_micro_batches(order: list[int], start: int, shape: Shape, rank: int) -> list[list[int]]:
+    """This rank's micro-batches (row indices) of the optimizer step that begins at row `start` of the order: the
+    step takes the next rows_per_step rows, and micro-batch m of rank r is the (m x world + r)-th slice of them."""
+    def piece(m: int) -> list[int]:
+        first = start + (m * shape.world + rank) * shape.batch
+        return order[first:first + shape.batch]
+    return [piece(m) for m in range(shape.accumulate)]
+
+
+def steps_left(rows: int, position_rows: int, shape: Shape) -> int:
+    """Whole optimizer steps left in an epoch of `rows` rows after `position_rows` of them (the rest is dropped:
+    every rank must take the same number of steps)."""
+    return (rows - position_rows) // shape.rows_per_step
 
 
 # ------------------------------------------------------------------------------------------------ steps
@@ -241,11 +308,25 @@ def all_sum(value: float, device) -> float:
     return float(tensor.item())
 
 
+def autocast(args, device):
+    """bf16 compute for a model without FSDP; under FSDP its MixedPrecisionPolicy casts the weights instead."""
+    enabled = args.compute_dtype == "bfloat16" and not args.enable_fsdp and not args.pure_bf16
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def to_batch(rows: list[dict], args, pad_id: int) -> dict:
+    """A micro-batch as tensors. For flash attention, packed rows go end to end in one row: it finds the example
+    boundaries from position_ids only in a batch of one row, and would otherwise let examples attend to each other."""
+    return collate([join_rows(rows)] if args.join_packed_rows else rows, pad_id)
+
+
 def train_step(model, optimizer, micro_batches, args, world, device) -> tuple[float, int]:
+    model.train()        # dropout on, and gradient checkpointing, which transformers applies only in train mode
     tokens = all_sum(sum(answer_tokens(b) for b in micro_batches), device)
     loss_total = 0.0
     for batch in micro_batches:
-        loss_sum = forward_loss_sum(model, batch, args.batching_strategy, device)
+        with autocast(args, device):
+            loss_sum = forward_loss_sum(model, batch, args.batching_strategy, device)
         # FSDP averages gradients over ranks; scaling by world makes the result the mean over all tokens.
         (loss_sum * world / tokens).backward()
         loss_total += loss_sum.item()
@@ -256,13 +337,16 @@ def train_step(model, optimizer, micro_batches, args, world, device) -> tuple[fl
 
 @torch.no_grad()
 def validate(model, rows, args, rank, world, device, pad_id) -> float:
-    """Mean loss over every validation row. The rows are dealt round-robin; since FSDP gathers weights in each
-    forward pass, every rank runs as many passes as the others: one short of a row repeats one, uncounted."""
+    """Mean loss over every validation row, in eval mode (no dropout: the same weights give the same loss). The
+    rows are dealt round-robin; since FSDP gathers weights in each forward pass, every rank runs as many passes
+    as the others: one short of a row repeats one, uncounted."""
+    model.eval()
     loss_sum, tokens = 0.0, 0
     for turn in range(math.ceil(len(rows) / world)):
         index = turn * world + rank
-        batch = collate([rows[index % len(rows)]], pad_id)
-        loss = forward_loss_sum(model, batch, args.batching_strategy, device).item()
+        batch = to_batch([rows[index % len(rows)]], args, pad_id)
+        with autocast(args, device):
+            loss = forward_loss_sum(model, batch, args.batching_strategy, device).item()
         if index < len(rows):
             loss_sum, tokens = loss_sum + loss, tokens + answer_tokens(batch)
     loss_sum, tokens = all_sum(loss_sum, device), all_sum(tokens, device)
@@ -271,32 +355,26 @@ def validate(model, rows, args, rank, world, device, pad_id) -> float:
 
 # ------------------------------------------------------------------------------------------------ state
 
-def save_checkpoint(folder: Path, model, optimizer, position: dict, rank: int):
-    target = folder / f"step_{position['step']}"
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(target))
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-               target / f"rng_rank{rank}.pt")
-    dist.barrier()
+def resume_position(folder: Path, model, optimizer, shape: Shape, rank: int) -> dict:
+    """The position of the newest checkpoint, loaded into the model and optimizer; a different number of ranks,
+    micro-batch size or accumulation is fine, since the position counts rows of the epoch's order."""
+    try:
+        latest, note = checkpoints.load(folder, model, optimizer, rank)
+    except checkpoints.CheckpointError as e:
+        raise DataError(str(e)) from None
+    if "rows" not in latest:
+        raise DataError(f"{folder / checkpoints.LATEST} was written by an older finetuning.py (no global data "
+                        "position): start the run over without --resume")
+    if note:
+        print(f"note: {note}", flush=True)
     if rank == 0:
-        (target / "position.json").write_text(json.dumps(position))
-        (folder / "latest.json").write_text(json.dumps({"path": target.name, **position}))
-
-
-def load_checkpoint(folder: Path, model, optimizer, rank: int) -> dict:
-    latest = json.loads((folder / "latest.json").read_text())
-    target = folder / latest["path"]
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(target))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng = torch.load(target / f"rng_rank{rank}.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"])
-    return latest
+        was = Shape(**latest["shape"])
+        change = "" if was == shape else (f"; it was written by {was.world} rank(s) x batch {was.batch} x "
+                                          f"{was.accumulate} accumulation, now {shape.world} x {shape.batch} x "
+                                          f"{shape.accumulate}")
+        print(f"resumed from {folder / latest['path']} at step {latest['step']}, row {latest['rows']} of epoch "
+              f"{latest['epoch']}{change}", flush=True)
+    return {key: latest[key] for key in ("step", "epoch", "rows", "epoch_loss", "epoch_steps")}
 
 
 def start_wandb(args):
@@ -340,6 +418,10 @@ def train(args, rank, world, device):
     random.seed(args.seed)
     folder = Path(args.dist_checkpoint_root_folder) / args.dist_checkpoint_folder
     records = load_records(args.data_path)          # bad data fails before minutes of model loading
+    args.compute_dtype, why = choose_precision(args, device)
+    if rank == 0:
+        threads = f", {torch.get_num_threads()} threads per process" if device.type == "cpu" else ""
+        print(f"precision: {why}{threads}", flush=True)
     tokenizer, model = load_tokenizer_and_model(args, device, rank, world)
     train_rows, val_rows, train_enc, val_enc = build_rows(records, args, tokenizer, rank)
     if rank == 0:
@@ -353,16 +435,22 @@ def train(args, rank, world, device):
                                   weight_decay=args.weight_decay, fused=device.type == "cuda")
     tracker = start_wandb(args) if args.use_wandb and rank == 0 else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    shape = Shape(world, args.batch_size_training, args.gradient_accumulation_steps)
+    if steps_left(len(train_rows), 0, shape) == 0:
+        raise DataError(f"{len(train_rows)} training rows are too few for {world} process(es) x batch "
+                        f"{args.batch_size_training} x {args.gradient_accumulation_steps} accumulation steps: "
+                        "add data or lower them")
 
-    position = {"step": 0, "epoch": 0, "batch": 0}     # where the next step starts
+    # Where the next step starts: the epoch, the rows of its order already consumed (by all ranks together) and the
+    # epoch's loss so far, so that a run resumed inside an epoch reports the same epoch mean as an uninterrupted one.
+    position = {"step": 0, "epoch": 0, "rows": 0, "epoch_loss": 0.0, "epoch_steps": 0}
     metrics = {"steps": [], "epochs": [], "truncated": train_enc.truncated + val_enc.truncated,
                "dropped": train_enc.dropped + val_enc.dropped}
-    if args.resume and (folder / "latest.json").exists():
-        position = load_checkpoint(folder, model, optimizer, rank)
-        metrics = json.loads((folder / "metrics.json").read_text())
+    if args.resume and (folder / checkpoints.LATEST).exists():
+        position = resume_position(folder, model, optimizer, shape, rank)
+        if (folder / "metrics.json").exists():       # written after each checkpoint; absent if killed in between
+            metrics = json.loads((folder / "metrics.json").read_text())
         metrics["steps"] = [m for m in metrics["steps"] if m["step"] <= position["step"]]
-        if rank == 0:
-            print(f"resumed from {folder / position['path']} at step {position['step']}", flush=True)
     elif rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         # What the converter needs besides the weights.
@@ -373,24 +461,21 @@ def train(args, rank, world, device):
         if args.use_peft:
             model.peft_config["default"].save_pretrained(folder / "hf_meta" / "lora")
 
-    accumulate = args.gradient_accumulation_steps
+    def save():
+        checkpoints.save(folder, model, optimizer, {**position, "shape": vars(shape)}, rank, args.keep_checkpoints)
+
     for epoch in range(position["epoch"], args.num_epochs):
-        batches = rank_batches(train_rows, args.seed + epoch, args.batch_size_training, rank, world)
-        steps_in_epoch = len(batches) // accumulate
-        if steps_in_epoch == 0:
-            raise DataError(f"too few training rows for {world} process(es) x batch {args.batch_size_training} "
-                            f"x {accumulate} accumulation steps: add data or lower them")
-        # A run resumed inside an epoch carries the epoch's loss so far, so its mean matches an uninterrupted run.
-        epoch_loss, epoch_steps = (position["epoch_loss"], position["epoch_steps"]) if position["batch"] else (0.0, 0)
+        order = epoch_order(len(train_rows), args.seed + epoch)
         tokens_seen, started = 0, time.time()       # since the last log line
-        for index in range(position["batch"], steps_in_epoch * accumulate, accumulate):
+        while steps_left(len(order), position["rows"], shape):
             if args.max_steps and position["step"] >= args.max_steps:
                 break
-            micro = [collate(rows, pad_id) for rows in batches[index:index + accumulate]]
+            micro = [to_batch([train_rows[i] for i in rows], args, pad_id)
+                     for rows in step_micro_batches(order, position["rows"], shape, rank)]
             loss, tokens = train_step(model, optimizer, micro, args, world, device)
-            epoch_loss, epoch_steps, tokens_seen = epoch_loss + loss, epoch_steps + 1, tokens_seen + tokens
-            position = {"step": position["step"] + 1, "epoch": epoch, "batch": index + accumulate,
-                        "epoch_loss": epoch_loss, "epoch_steps": epoch_steps}
+            tokens_seen += tokens
+            position = {"step": position["step"] + 1, "epoch": epoch, "rows": position["rows"] + shape.rows_per_step,
+                        "epoch_loss": position["epoch_loss"] + loss, "epoch_steps": position["epoch_steps"] + 1}
             if position["step"] % args.log_every == 0 or position["step"] == 1:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -403,17 +488,17 @@ def train(args, rank, world, device):
                     print(f"step {position['step']} epoch {epoch} loss {loss:.4f} | {rate:.0f} tokens/s since the last log | "
                           f"peak memory {peak_memory_mb(device):.0f} MB (rank 0)", flush=True)
             if args.save_checkpoints and args.save_every and position["step"] % args.save_every == 0:
-                save_checkpoint(folder, model, optimizer, position, rank)
+                save()
                 if rank == 0:
                     write_metrics(folder, metrics)
         else:
-            # The epoch ran to its end: record it and start the next one at its first batch.
+            # The epoch ran to its end: record it and start the next one at its first row.
             val_loss = validate(model, val_rows, args, rank, world, device, pad_id) if val_rows else None
-            train_loss = epoch_loss / max(epoch_steps, 1)
+            train_loss = position["epoch_loss"] / max(position["epoch_steps"], 1)
             metrics["epochs"].append({"epoch": epoch, "step": position["step"], "train_loss": train_loss,
                                       "train_perplexity": math.exp(train_loss), "val_loss": val_loss,
                                       "val_perplexity": math.exp(val_loss) if val_loss is not None else None})
-            position = {"step": position["step"], "epoch": epoch + 1, "batch": 0}
+            position = {"step": position["step"], "epoch": epoch + 1, "rows": 0, "epoch_loss": 0.0, "epoch_steps": 0}
             if tracker:
                 tracker.log({k: v for k, v in metrics["epochs"][-1].items() if k != "step"}, step=position["step"])
             if rank == 0:
@@ -421,30 +506,46 @@ def train(args, rank, world, device):
                       + (f", validation loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f})" if val_loss else ""),
                       flush=True)
             if args.save_checkpoints:
-                save_checkpoint(folder, model, optimizer, position, rank)
+                save()
             if rank == 0:
                 write_metrics(folder, metrics)
             continue
         break        # max_steps reached inside the epoch
-    if position["batch"] and args.save_checkpoints:    # stopped inside an epoch: keep that point for --resume
-        save_checkpoint(folder, model, optimizer, position, rank)
+    if position["rows"] and args.save_checkpoints:    # stopped inside an epoch: keep that point for --resume
+        save()
+    peaks = [None] * world
+    dist.all_gather_object(peaks, round(peak_memory_mb(device)))
     if rank == 0:
-        metrics["peak_memory_mb_rank0"] = peak_memory_mb(device)
+        metrics["peak_memory_mb_rank0"], metrics["peak_memory_mb_per_rank"] = peaks[0], peaks
         write_metrics(folder, metrics)
         if tracker:
             tracker.finish()
-        print(f"done: step {position['step']}, checkpoints in {folder}, metrics in {folder / 'metrics.json'}", flush=True)
+        print(f"done: step {position['step']}, checkpoints in {folder}, metrics in {folder / 'metrics.json'}; "
+              f"peak memory per rank {', '.join(f'{p} MB' for p in peaks)}", flush=True)
+
+
+def say_once(message: str, rank: int):
+    """Print a user error exactly once, from the first rank that meets it, before that rank exits. Every rank
+    usually meets the same error; the first to exit makes torchrun stop the others, so the message cannot wait
+    for rank 0. The ranks agree on who speaks through the rendezvous store, which outlives any collective."""
+    mine = f"{rank}|{message}"
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        first = store.compare_set("raft-finetune/user-error", "", mine).decode()
+    except Exception:         # no process group or no store: this process speaks for itself
+        first = mine
+    if first == mine:
+        print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(args.cpu_threads)
     try:
         train(args, rank, world, device)
         return 0
     except (DataError, ConfigError, OSError) as e:
-        if rank == 0:            # every rank meets the same error: say it once
-            print(f"error: {e}", file=sys.stderr)
+        say_once(str(e), rank)
         return 2
     finally:
         dist.destroy_process_group()

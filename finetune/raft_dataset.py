@@ -7,6 +7,7 @@ the labels of everything before are -100. Where the answer starts is read off th
 hard-coded token ids; labels are built from lengths, never by masking pad ids (SmolLM2's pad token is its
 end-of-turn token, which must be learnt).
 """
+import random
 from dataclasses import dataclass, field
 
 import format as formats
@@ -25,6 +26,26 @@ def load_records(paths: list[str]) -> list[dict]:
         return [record for path in paths for record in formats.read(path, "jsonl")]
     except ValueError as e:
         raise DataError(f"data file {e} (--data_path)") from None
+
+
+def split_by_question(records: list[dict], share: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, validation): about `share` of the records held out, whole questions at a time, so that a question's
+    copies (with its oracle, without it, as a refusal) never fall on both sides. Seeded, the same on every rank."""
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(" ".join(str(record.get("question") or record["instruction"]).lower().split()),
+                          []).append(record)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    wanted, held, held_records = int(len(records) * share), [], 0
+    for key in keys:
+        if held_records >= wanted:
+            break
+        held.append(key)
+        held_records += len(groups[key])
+    held_set = set(held)
+    train = [r for key in keys if key not in held_set for r in groups[key]]
+    return train, [r for key in held for r in groups[key]]
 
 
 def to_messages(record: dict, rag_prompt: list[dict]) -> list[dict]:
@@ -84,9 +105,10 @@ def encode(records: list[dict], tokenizer, rag_prompt: list[dict], context_lengt
 
 def pack(examples: list[tuple[list[int], list[int]]], context_length: int) -> list[dict]:
     """Concatenate examples into rows of at most context_length tokens, in order, without splitting one.
-    position_ids restart at 0 for every example: attention implementations that read them (flash attention,
-    and transformers' SDPA path for packed rows) keep each example from attending to the one before it.
-    No loss crosses a boundary, since every example starts with its masked prompt."""
+    position_ids restart at 0 for every example, and transformers builds each example its own attention from them:
+    SDPA with a block-diagonal mask for any batch, flash attention only for a batch of one row (the trainer then
+    joins a micro-batch's rows, join_rows). No loss crosses a boundary, since every example starts with its masked
+    prompt."""
     rows, current = [], {"input_ids": [], "labels": [], "position_ids": []}
     for ids, labels in examples:
         if current["input_ids"] and len(current["input_ids"]) + len(ids) > context_length:
@@ -98,6 +120,11 @@ def pack(examples: list[tuple[list[int], list[int]]], context_length: int) -> li
     if current["input_ids"]:
         rows.append(current)
     return rows
+
+
+def join_rows(rows: list[dict]) -> dict:
+    """Packed rows laid end to end as one row; their position_ids keep every example apart."""
+    return {key: [value for row in rows for value in row[key]] for key in ("input_ids", "labels", "position_ids")}
 
 
 def unpacked(examples: list[tuple[list[int], list[int]]]) -> list[dict]:

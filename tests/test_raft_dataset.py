@@ -5,8 +5,8 @@ import json
 import pytest
 
 from config import EVAL_SCHEMA, load_config
-from finetune.raft_dataset import (IGNORE_INDEX, DataError, collate, encode, load_records, pack, to_messages,
-                                   tokenize_chat, unpacked)
+from finetune.raft_dataset import (IGNORE_INDEX, DataError, collate, encode, load_records, pack, split_by_question,
+                                   to_messages, tokenize_chat, unpacked)
 from tests.conftest import GGUF, ROOT
 LLAMA3_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
                    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
@@ -119,3 +119,19 @@ def test_load_records_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q"}) + "\n")
     with pytest.raises(DataError, match="line 1: missing field\\(s\\) instruction, cot_answer"):
         load_records([str(tmp_path / "bad.jsonl")])
+
+
+def test_the_validation_split_keeps_each_question_on_one_side():
+    """raft.py writes up to three records per question (with the oracle, without it, a refusal); validating on a
+    question the model trained on would measure memory, not generalisation."""
+    records = []
+    for q in range(30):
+        copies = 1 + q % 3
+        records += [{"id": f"seed_task_{q}_{c}", "question": f"Question {q}?", "instruction": f"docs {c}\nQuestion {q}?",
+                     "cot_answer": "<ANSWER>: a"} for c in range(copies)]
+    train, val = split_by_question(records, 0.2, seed=42)
+    assert len(train) + len(val) == len(records) and 0.2 * len(records) <= len(val) < 0.2 * len(records) + 3
+    assert not {r["question"] for r in train} & {r["question"] for r in val}
+    assert split_by_question(records, 0.2, seed=42) == (train, val)          # the same on every rank
+    everything, none = split_by_question(records, 0.0, seed=42)
+    assert none == [] and sorted(r["id"] for r in everything) == sorted(r["id"] for r in records)
