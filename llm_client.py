@@ -37,6 +37,7 @@ class ChatResult:
     completion_tokens: int = 0
     cached: bool = False
     error: Optional[str] = None    # why it failed, when text is None
+    truncated: bool = False        # the server stopped at max_tokens (finish_reason "length"): not a whole reply
 
 
 @dataclass
@@ -45,6 +46,7 @@ class UsageTotals:
     cached: int = 0                # requests answered from the cache
     failed: int = 0
     retries: int = 0
+    truncated: int = 0             # replies cut at max_tokens
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -56,9 +58,11 @@ def public_host(url: str) -> str:
     return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}"
 
 
-def cache_key(model: str, messages: Sequence[dict], params: dict) -> str:
-    blob = json.dumps({"model": model, "messages": list(messages), "params": params},
-                      sort_keys=True, ensure_ascii=False)
+def cache_key(model: str, messages: Sequence[dict], params: dict, fingerprint: str = "") -> str:
+    """The reply cache's key. `fingerprint` stands for what the server says about the model behind the name (see
+    ChatClient.model_description): a different model served under the same name gets other keys."""
+    blob = json.dumps({"model": model, "messages": list(messages), "params": params,
+                       **({"fingerprint": fingerprint} if fingerprint else {})}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -92,9 +96,9 @@ class ResponseCache:
     def get(self, key: str) -> Optional[dict]:
         return self.entries.get(key)
 
-    def put(self, key: str, text: str, prompt_tokens: int, completion_tokens: int):
+    def put(self, key: str, text: str, prompt_tokens: int, completion_tokens: int, truncated: bool = False):
         record = {"key": key, "text": text, "prompt_tokens": prompt_tokens,
-                  "completion_tokens": completion_tokens}
+                  "completion_tokens": completion_tokens, "truncated": truncated}
         os.write(self._fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
         self.entries[key] = record
 
@@ -172,6 +176,7 @@ class ChatClient:
     rpm: int = 0
     tpm: int = 0
     cache_path: Optional[str] = None
+    fingerprint: str = ""           # mixed into the cache keys: see cache_key
     backoff_base: float = 1.0       # first retry waits about this long, then doubling ...
     backoff_max: float = 60.0       # ... up to this
     usage: UsageTotals = field(default_factory=UsageTotals)
@@ -182,6 +187,7 @@ class ChatClient:
         self.urls = [u.rstrip("/") for u in self.urls]
         self.cache = ResponseCache(self.cache_path) if self.cache_path else None
         self._next_url = 0
+        self._served: dict[str, dict[str, dict]] = {}     # url -> model id -> its /models entry (preflight)
         self._limiter = RateLimiter(self.rpm, self.tpm)
         # One event loop and one HTTP session for the client's life: connections opened by one stage
         # (questions) are reused by the next (answers, retries) instead of being opened again.
@@ -217,7 +223,9 @@ class ChatClient:
             self._loop.run_until_complete(settle())
 
     def close(self):
-        """Cancel what is still in flight (after Ctrl-C), close the connections and the cache."""
+        """Cancel what is still in flight (after Ctrl-C), close the connections and the cache. Closing twice is fine."""
+        if self._loop.is_closed():
+            return
         async def shut_down():
             pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for task in pending:
@@ -251,11 +259,13 @@ class ChatClient:
     async def _preflight(self, http) -> str:
         for url in self.urls:
             try:
-                served = await self._send_with_retries(http, "GET", url, "/models", None, self._parse_models,
-                                                       retries=min(2, self.max_retries))
+                entries = await self._send_with_retries(http, "GET", url, "/models", None, self._parse_models,
+                                                        retries=min(2, self.max_retries))
             except _Failed as failure:
                 raise LLMFatalError(f"{public_host(url)} did not list its models ({failure.reason}): "
                                     "is -u the base URL of an OpenAI-compatible server?") from None
+            served = [entry["id"] for entry in entries]
+            self._served.setdefault(url, {entry["id"]: entry for entry in entries})
             if self.model and served and self.model not in served:
                 raise LLMFatalError(f"model '{self.model}' is not served at {public_host(url)}; it serves: "
                                     f"{', '.join(served)}: use one of these names")
@@ -267,16 +277,48 @@ class ChatClient:
         return self.model
 
     @staticmethod
-    def _parse_models(body: dict) -> list[str]:
-        return [m["id"] for m in body["data"]]
+    def _parse_models(body: dict) -> list[dict]:
+        entries = body["data"]
+        if not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in entries):
+            raise TypeError("a model entry without an id")
+        return entries
+
+    def model_description(self) -> list[dict]:
+        """What the servers say about the model, after preflight(): its /models entry (vLLM adds the weights' path
+        as 'root' and max_model_len; llama.cpp's server the model's size and shape) and, where the server has
+        llama.cpp's /props, the model file it loaded; one description per distinct answer of the endpoints, with
+        no host in it (the same model moved to another port is the same model). Two models served under one
+        name differ here."""
+        return self._loop.run_until_complete(self._describe(self._session()))
+
+    async def _describe(self, http) -> list[dict]:
+        description = []
+        for url in self.urls:
+            entry = dict(self._served.get(url, {}).get(self.model, {}))
+            entry.pop("created", None)          # some servers stamp the listing time: not a property of the model
+            root = url[:-3] if url.endswith("/v1") else url
+            try:
+                props = await self._send_with_retries(http, "GET", root, "/props", None, dict, retries=0)
+                entry["props_model_path"] = props.get("model_path")
+            except (_Failed, LLMFatalError):
+                pass                             # not a llama.cpp server
+            if entry not in description:
+                description.append(entry)
+        return description
 
     @staticmethod
-    def _parse_chat(body: dict) -> tuple[str, int, int]:
-        text = body["choices"][0]["message"]["content"]
+    def _parse_chat(body: dict) -> tuple[str, int, int, bool]:
+        """(text, prompt tokens, completion tokens, truncated). An empty reply is a failure worth retrying: a
+        server under load sometimes returns one, and an empty answer would be scored as a wrong one."""
+        choice = body["choices"][0]
+        text = choice["message"]["content"]
         if not isinstance(text, (str, type(None))):
             raise TypeError("content is not text")
+        if not (text or "").strip():
+            raise _Retry("empty reply")
         usage = body.get("usage") or {}
-        return text or "", int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        return (text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
+                choice.get("finish_reason") == "length")
 
     async def _complete_all(self, http, requests, desc) -> list[ChatResult]:
         """max_in_flight workers share one iterator over the requests: each takes the next one when free."""
@@ -292,15 +334,16 @@ class ChatClient:
         return results
 
     async def _complete_one(self, http, messages, params) -> ChatResult:
-        key = cache_key(self.model, messages, params) if self.cache else None
+        key = cache_key(self.model, messages, params, self.fingerprint) if self.cache else None
         hit = self.cache.get(key) if self.cache else None
         if hit:
             self.usage.cached += 1
-            return ChatResult(hit["text"], hit["prompt_tokens"], hit["completion_tokens"], cached=True)
+            return ChatResult(hit["text"], hit["prompt_tokens"], hit["completion_tokens"], cached=True,
+                              truncated=bool(hit.get("truncated")))
         body = {"model": self.model, "messages": list(messages), **params}
         entry = await self._limiter.acquire(lambda: len(json.dumps(messages)) // 4 + int(params.get("max_tokens", 0)))
         try:
-            text, prompt_tokens, completion_tokens = await self._send_with_retries(
+            text, prompt_tokens, completion_tokens, truncated = await self._send_with_retries(
                 http, "POST", None, "/chat/completions", body, self._parse_chat)
         except _Failed as failure:
             self.usage.failed += 1
@@ -309,9 +352,11 @@ class ChatClient:
         self.usage.sent += 1
         self.usage.prompt_tokens += prompt_tokens
         self.usage.completion_tokens += completion_tokens
+        if truncated:
+            self.usage.truncated += 1
         if self.cache:
-            self.cache.put(key, text, prompt_tokens, completion_tokens)
-        return ChatResult(text, prompt_tokens, completion_tokens)
+            self.cache.put(key, text, prompt_tokens, completion_tokens, truncated)
+        return ChatResult(text, prompt_tokens, completion_tokens, truncated=truncated)
 
     async def _send_with_retries(self, http, method, url, path, body, parse, retries=None):
         """One request with retries. Raises LLMFatalError for what retrying cannot fix, and _Failed when this

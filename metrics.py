@@ -1,11 +1,16 @@
-"""Scoring answers: ROUGE, exact match, the judge's verdict, refusals, precision, and answer support of a retrieval.
+"""Scoring answers: ROUGE, exact match, the judge's verdict, refusals, precision, answer support of a retrieval,
+and how far each number can be trusted: Wilson and bootstrap intervals, paired comparisons (McNemar).
 
 Used by raft_eval.py for the metrics and by chat.py to notice a refusal. Every function is pure and small, so each
 is unit-tested against hand-computed values (tests/test_metrics.py).
 """
+import math
+import random
 import re
 import string
 from typing import Optional, Sequence
+
+import numpy as np
 
 from rouge_score import rouge_scorer
 
@@ -40,24 +45,18 @@ def exact_match(prediction: str, reference: str) -> bool:
     return squad_normalise(prediction) == squad_normalise(reference)
 
 
-_VERDICT = re.compile(r"\b(yes|no)\b", re.I)
-_WRONG = re.compile(r"\b(?:incorrect|not correct|wrong)\b", re.I)
-_RIGHT = re.compile(r"\bcorrect\b", re.I)
+# Words that decide a verdict, longest forms first so that "not correct" is not read as "correct".
+_DECISIVE = re.compile(r"\b(not (?:incorrect|wrong)|not correct|incorrect|correct|wrong|yes|no)\b", re.I)
+_MEANS_YES = {"yes", "correct", "not incorrect", "not wrong"}
 
 
 def parse_verdict(reply: str) -> Optional[bool]:
-    """The judge's YES (True) or NO (False). The first word decides when it is a verdict ("Yes.", "**NO**");
-    otherwise every yes/no word in the reply must agree; a reply without one may still say it plainly ("The
-    answer is correct" / "... is wrong"). Anything else, or both, is None: counted as unparseable, never guessed."""
-    words = (reply or "").replace("*", " ").replace("`", " ").strip()
-    first = re.match(r"\W*(yes|no)\b", words, re.I)
-    if first:
-        return first.group(1).lower() == "yes"
-    found = {m.lower() for m in _VERDICT.findall(words)}
-    if found:
-        return found == {"yes"} if len(found) == 1 else None
-    wrong, right = bool(_WRONG.search(words)), bool(_RIGHT.search(_WRONG.sub(" ", words)))
-    return right if wrong != right else None
+    """The judge's YES (True) or NO (False): the first decisive word of the reply decides ("Yes.", "**NO**",
+    "The answer is correct; there is no contradiction" is YES, "It is not correct" is NO). A reply without one is
+    None: counted as unparseable, never guessed."""
+    words = " ".join((reply or "").replace("*", " ").replace("`", " ").split())
+    first = _DECISIVE.search(words)
+    return None if first is None else first.group(1).lower() in _MEANS_YES
 
 
 _REFUSAL_FORMS = re.compile(
@@ -82,10 +81,13 @@ def is_refusal(answer: str, refusal_answer: str = "") -> bool:
     return bool(_REFUSAL_FORMS.search(text.replace("’", "'")))
 
 
-def precision(judge_score: float, refusal_rate: float) -> Optional[float]:
-    """judge_score / (1 - refusal_rate): how often the answers a system dares to give are right.
-    None when it refused everything."""
-    return judge_score / (1 - refusal_rate) if refusal_rate < 1 else None
+def precision(rows: Sequence[dict]) -> Optional[float]:
+    """How often the answers a system dares to give are right: YES verdicts among the answers that are not
+    refusals and have a verdict (a failed request or an unparseable verdict says nothing either way). The
+    tutorial's judge_score / (1 - refusal_rate) when every answer was judged; never above 1. None when nothing
+    is left."""
+    dared = [r for r in rows if not r["refusal"] and not r["failed"] and r["verdict"] is not None]
+    return sum(r["verdict"] for r in dared) / len(dared) if dared else None
 
 
 def answer_supported(retrieved_text: str, gold_answer: str, threshold: float = SUPPORT_THRESHOLD) -> Optional[bool]:
@@ -119,17 +121,177 @@ def summarise(rows: Sequence[dict]) -> dict:
     total = len(rows)
     yes = sum(r["verdict"] is True for r in rows)
     refusals = sum(r["refusal"] for r in rows)
-    judge_score = yes / total if total else 0.0
-    refusal_rate = refusals / total if total else 0.0
     return {
         "questions": total,
         **{name: mean([r[name] for r in rows]) for name in ROUGE_TYPES},
         "exact_match": mean([float(r["exact_match"]) for r in rows]),
-        "judge_score": judge_score,
+        "judge_score": yes / total if total else 0.0,
         "judge_yes": yes,
         "judge_unparseable": sum(r["verdict"] is None and not r["failed"] for r in rows),
         "refusals": refusals,
-        "refusal_rate": refusal_rate,
-        "precision": precision(judge_score, refusal_rate),
+        "refusal_rate": refusals / total if total else 0.0,
+        "precision": precision(rows),
         "failed_requests": sum(r["failed"] for r in rows),
+        "truncated": sum(bool(r.get("truncated")) for r in rows),
     }
+
+
+# ---- how far a number can be trusted -----------------------------------------------------------------------------
+Z95 = 1.959964          # two-sided 95%
+Z80_POWER = 0.841621    # one-sided, 80% power
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> Optional[tuple[float, float]]:
+    """The Wilson score interval of a proportion: sound at small n and at 0 or n successes (unlike p +/- z SE)."""
+    if n == 0:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# The metrics that get an interval: each is a function of per-question arrays (see question_arrays).
+INTERVAL_METRICS = ("judge_score", "refusal_rate", "precision", "exact_match", "rougeL")
+
+
+def question_arrays(rows: Sequence[dict]) -> dict[str, np.ndarray]:
+    """Per-question values of one system under one condition, as arrays to resample."""
+    return {"yes": np.array([r["verdict"] is True for r in rows], dtype=float),
+            "refusal": np.array([bool(r["refusal"]) for r in rows], dtype=float),
+            "dared": np.array([not r["refusal"] and not r["failed"] and r["verdict"] is not None for r in rows],
+                              dtype=float),
+            "exact_match": np.array([float(r["exact_match"]) for r in rows]),
+            "rougeL": np.array([r["rougeL"] for r in rows], dtype=float)}
+
+
+def _metric_samples(arrays: dict[str, np.ndarray], resamples: np.ndarray) -> dict[str, np.ndarray]:
+    """Each interval metric on every resample (rows of question indices); precision is NaN where none dared."""
+    pick = {name: values[resamples] for name, values in arrays.items()}
+    dared = pick["dared"].sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision_values = (pick["yes"] * pick["dared"]).sum(axis=1) / dared
+    return {"judge_score": pick["yes"].mean(axis=1), "refusal_rate": pick["refusal"].mean(axis=1),
+            "precision": precision_values, "exact_match": pick["exact_match"].mean(axis=1),
+            "rougeL": pick["rougeL"].mean(axis=1)}
+
+
+def resample_indices(n: int, resamples: int, seed: int) -> np.ndarray:
+    """`resamples` bootstrap draws of n question indices with replacement, seeded (the same draws serve every
+    system, which is what makes a comparison paired)."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def _percentile_interval(samples: np.ndarray) -> Optional[list[float]]:
+    samples = samples[~np.isnan(samples)]
+    if not len(samples):
+        return None
+    low, high = np.percentile(samples, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
+def bootstrap_intervals(rows: Sequence[dict], resamples: np.ndarray) -> dict[str, Optional[list[float]]]:
+    """The 95% percentile-bootstrap interval of each interval metric, over the questions."""
+    samples = _metric_samples(question_arrays(rows), resamples)
+    return {name: _percentile_interval(samples[name]) for name in INTERVAL_METRICS}
+
+
+def mcnemar_exact_p(b: int, c: int) -> float:
+    """Two-sided exact McNemar test: b questions right only for the first system, c only for the second. Under
+    'no difference' each of the b + c discordant questions goes either way with probability 1/2."""
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def questions_needed(difference: float, discordant: float) -> Optional[int]:
+    """Questions a paired comparison needs to detect `difference` (a share) at 5% two-sided with 80% power,
+    given the share of questions on which the two systems disagree (Connor 1987, McNemar's test). None when
+    there is no difference to detect."""
+    d = abs(difference)
+    if d == 0 or discordant <= 0:
+        return None
+    discordant = max(discordant, d)             # at least the difference itself must be discordant
+    root = Z95 * math.sqrt(discordant) + Z80_POWER * math.sqrt(max(discordant - d * d, 0.0))
+    return math.ceil(root * root / (d * d))
+
+
+def paired_comparison(first: Sequence[dict], second: Sequence[dict], resamples: np.ndarray) -> dict:
+    """The first system against the second on the same questions: judge-score difference (first - second) with
+    its paired-bootstrap 95% interval, the exact McNemar p-value, and the questions a difference of this size
+    would need to be detected."""
+    yes_a, yes_b = question_arrays(first)["yes"], question_arrays(second)["yes"]
+    n = len(yes_a)
+    b = int(((yes_a == 1) & (yes_b == 0)).sum())
+    c = int(((yes_a == 0) & (yes_b == 1)).sum())
+    differences = (yes_a - yes_b)[resamples].mean(axis=1)
+    difference = (b - c) / n if n else 0.0
+    p = mcnemar_exact_p(b, c)
+    return {"questions": n, "difference": difference, "interval": _percentile_interval(differences),
+            "only_first_right": b, "only_second_right": c, "mcnemar_p": p, "significant": p < 0.05,
+            "questions_needed": questions_needed(difference, (b + c) / n if n else 0.0)}
+
+
+
+# ---- can the judge be trusted? ---------------------------------------------------------------------------------
+def calibration_controls(gold_answers: Sequence[str], refusal_answer: str, seed: int) -> list[dict]:
+    """Answers whose verdict is known, built from the eval file itself: each question's own gold answer (the judge
+    must say YES), the gold answer of another question with a different answer, drawn with the seed (NO), and
+    the refusal answer (NO)."""
+    rng = random.Random(seed)
+    normalised = [squad_normalise(g) for g in gold_answers]
+    controls = []
+    for i, gold in enumerate(gold_answers):
+        controls.append({"question": i, "kind": "gold", "answer": gold, "expected": True})
+        for _ in range(50):               # a few draws find a question with another answer, if there is one
+            j = rng.randrange(len(gold_answers))
+            if normalised[j] != normalised[i]:
+                controls.append({"question": i, "kind": "other", "answer": gold_answers[j], "expected": False})
+                break
+        if refusal_answer:
+            controls.append({"question": i, "kind": "refusal", "answer": refusal_answer, "expected": False})
+    return controls
+
+
+CONTROL_KINDS = {"gold": "its own gold answer", "other": "another question's gold answer",
+                 "refusal": "the refusal answer"}
+
+
+def calibration_summary(controls: Sequence[dict], threshold: float) -> dict:
+    """The judge's rates on the controls (each with its 'verdict'), with Wilson intervals and plain warnings when
+    a rate is below `threshold`. An unparseable verdict counts against the rate it belongs to."""
+    right = [c for c in controls if c["expected"]]
+    wrong = [c for c in controls if not c["expected"]]
+    accepted_right = sum(c["verdict"] is True for c in right)
+    rejected_wrong = sum(c["verdict"] is False for c in wrong)
+    accepted_wrong = sum(c["verdict"] is True for c in wrong)
+    unparseable = sum(c["verdict"] is None for c in controls)
+    rate = lambda k, n: k / n if n else None
+    summary = {
+        "true_positive_rate": rate(accepted_right, len(right)),
+        "true_positive_interval": wilson_interval(accepted_right, len(right)),
+        "accepted_right": accepted_right, "right_controls": len(right),
+        "true_negative_rate": rate(rejected_wrong, len(wrong)),
+        "true_negative_interval": wilson_interval(rejected_wrong, len(wrong)),
+        "rejected_wrong": rejected_wrong, "accepted_wrong": accepted_wrong, "wrong_controls": len(wrong),
+        "unparseable_rate": rate(unparseable, len(controls)),
+        "unparseable_interval": wilson_interval(unparseable, len(controls)), "unparseable": unparseable,
+        "by_kind": {kind: {"controls": sum(c["kind"] == kind for c in controls),
+                           "yes": sum(c["kind"] == kind and c["verdict"] is True for c in controls),
+                           "no": sum(c["kind"] == kind and c["verdict"] is False for c in controls)}
+                    for kind in CONTROL_KINDS if any(c["kind"] == kind for c in controls)},
+        "threshold": threshold,
+    }
+    warnings = []
+    if wrong and summary["true_negative_rate"] < threshold:
+        warnings.append(f"the judge accepted {accepted_wrong} of {len(wrong)} wrong answers"
+                        + (f" and could not be read on {len(wrong) - accepted_wrong - rejected_wrong}"
+                           if len(wrong) - accepted_wrong - rejected_wrong else "")
+                        + ": its scores are not reliable")
+    if right and summary["true_positive_rate"] < threshold:
+        warnings.append(f"the judge accepted only {accepted_right} of {len(right)} gold answers as correct: "
+                        "its scores are not reliable")
+    summary["warnings"] = warnings
+    return summary

@@ -21,7 +21,7 @@ import datasets
 
 import format as formats
 from config import RAFT_SCHEMA, TOOLKIT_VERSION, ConfigError, fill_prompt, load_config_with_flags
-from llm_client import ChatClient, LLMFatalError, public_host
+from llm_client import ChatClient, ChatResult, LLMFatalError, public_host
 from raft_utils import (QA, AssemblySettings, InputError, assemble, chunks_needed, final_answer, load_chunks,
                         normalise, parse_questions, quotes_verified)
 
@@ -55,6 +55,26 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+TRUNCATED = "truncated: cut at max_tokens, also with twice the budget"
+
+
+def complete_whole(client, requests, desc, stats) -> list[ChatResult]:
+    """Replies that were not cut at max_tokens. A cut one (finish_reason "length") is asked once more with twice
+    the budget, then dropped: a cut chain of thought may lack its <ANSWER>: line or end mid-sentence."""
+    results = client.complete_all(requests, desc)
+    cut = [k for k, result in enumerate(results) if result.text is not None and result.truncated]
+    if cut:
+        again = [(requests[k][0], {**requests[k][1], "max_tokens": 2 * requests[k][1]["max_tokens"]}) for k in cut]
+        for k, result in zip(cut, client.complete_all(again, f"{desc} cut at max_tokens, again with twice the budget")):
+            results[k] = ChatResult(None, error=TRUNCATED) if result.truncated else result
+        stats["replies cut at max_tokens"] = stats.get("replies cut at max_tokens", 0) + len(cut)
+    return results
+
+
+def drop_reason(stage: str, result: ChatResult) -> str:
+    return TRUNCATED if result.error == TRUNCATED else f"{stage} request failed ({result.error})"
+
+
 def ask_questions(client, cfg, chunks, stats) -> list[tuple[int, str]]:
     """(chunk index, question) pairs: at most questions_per_chunk per chunk, no question twice in the run."""
     params = {"temperature": cfg["temperature"], "max_tokens": cfg["question_max_tokens"]}
@@ -63,9 +83,9 @@ def ask_questions(client, cfg, chunks, stats) -> list[tuple[int, str]]:
     # A small teacher sometimes repeats the worked example's questions: those are not about the chunk.
     example = normalise(" ".join(m["content"] for m in cfg["question_prompt"]))
     pairs, seen = [], set()
-    for index, result in enumerate(client.complete_all(requests, "questions")):
+    for index, result in enumerate(complete_whole(client, requests, "questions", stats)):
         if result.text is None:
-            stats["dropped"][f"question request failed ({result.error})"] += 1
+            stats["dropped"][drop_reason("question", result)] += 1
             continue
         kept = 0
         for question in parse_questions(result.text):
@@ -91,19 +111,19 @@ def answer_questions(client, cfg, chunks, pairs, stats) -> list[QA]:
     """A chain-of-thought answer per question; one retry for an answer without '<ANSWER>:'."""
     params = {"temperature": cfg["temperature"], "max_tokens": cfg["answer_max_tokens"]}
     requests = [(fill_prompt(cfg["answer_prompt"], context=chunks[i].text, question=q), params) for i, q in pairs]
-    results = client.complete_all(requests, "answers")
+    results = complete_whole(client, requests, "answers", stats)
     unfinished = [k for k, r in enumerate(results) if r.text is not None and final_answer(r.text) is None]
     if unfinished:
         retries = [(requests[k][0] + [{"role": "assistant", "content": results[k].text},
                                       {"role": "user", "content": cfg["answer_retry_prompt"]}], params)
                    for k in unfinished]
-        for k, result in zip(unfinished, client.complete_all(retries, "answer retries")):
+        for k, result in zip(unfinished, complete_whole(client, retries, "answer retries", stats)):
             results[k] = result
         stats["answers retried"] = len(unfinished)
     qas = []
     for (index, question), result in zip(pairs, results):
         if result.text is None:
-            stats["dropped"][f"answer request failed ({result.error})"] += 1
+            stats["dropped"][drop_reason("answer", result)] += 1
         elif final_answer(result.text) is None:
             stats["dropped"]["answer without <ANSWER>: after a retry"] += 1
         else:
@@ -139,11 +159,13 @@ def print_summary(stats, client, target, skipped, seconds):
         *(f"  skipped        {source}: {why}" for source, why in skipped),
         f"chunks           {stats['chunks']} ({stats['chunks asked']} asked about; {', '.join(f'{n} {why}' for why, n in stats['chunks dropped'].items())} dropped)",
         f"questions        {stats.get('questions', 0)}",
-        f"answers          {stats.get('answers', 0)} ({stats.get('answers retried', 0)} retried for a missing <ANSWER>:)",
+        f"answers          {stats.get('answers', 0)} ({stats.get('answers retried', 0)} retried for a missing <ANSWER>:; "
+        f"{stats.get('replies cut at max_tokens', 0)} replies cut at max_tokens asked again with twice the budget)",
         *(f"  dropped        {n} {why}" for why, n in sorted(stats["dropped"].items())),
         f"examples         {stats['examples']}: {stats['oracle-free']} without the oracle, {stats['refusal']} refusals",
         f"unverified quotes {stats.get('unverified quotes', 0)} (flagged with quotes_verified=false)",
-        f"requests         {usage.sent} sent, {usage.cached} from the cache, {usage.retries} retries, {usage.failed} failed",
+        f"requests         {usage.sent} sent, {usage.cached} from the cache, {usage.retries} retries, {usage.failed} failed, "
+        f"{usage.truncated} cut at max_tokens",
         f"tokens           {usage.prompt_tokens} prompt + {usage.completion_tokens} completion sent in this run",
         f"time             {seconds:.1f} s",
         f"output           {target}",

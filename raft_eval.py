@@ -12,8 +12,16 @@ question of the eval file from its own knowledge and with the top-k chunks the r
 answer (YES/NO). Written to -o: metrics.json, questions.jsonl (every answer, verdict and retrieved source),
 report.md and the plots. Every reply is cached there: run the same command again after a crash or Ctrl-C and it
 resumes. Settings live in raft_eval_config.yaml (-c); the flags below override them.
+
+How far the numbers can be trusted is part of the report: the judge also grades control answers whose verdict
+is known (each question's gold answer, another question's, the refusal), which gives its true-positive and
+true-negative rates; every metric has a 95% bootstrap interval over the questions; the model under test is
+compared with each baseline on the same questions (paired bootstrap and exact McNemar). A system's cached replies
+are reused only while its server describes the same model (its /models entry, --model_revision), and
+--train_data reports eval questions that also appear in the training data.
 """
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -22,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import format as formats
 import metrics
@@ -65,7 +74,13 @@ def parse_args(argv):
     p.add_argument("--draft_from", help="write a draft eval file from this RAFT dataset (JSONL or save_to_disk "
                                         "folder) and stop")
     p.add_argument("--draft_size", type=int, default=50, help="questions in the draft (default 50)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the draft's sample (default 42)")
+    p.add_argument("--seed", type=int, default=42,
+                   help="seed of the draft's sample, the judge's control answers and the bootstrap (default 42)")
+    p.add_argument("--model_revision", default="",
+                   help="a label of the weights under test (a commit, a run id): a new one never reuses old answers")
+    p.add_argument("--train_data", action="append", default=[], metavar="FILE",
+                   help="a RAFT JSONL the model was trained on: eval questions found in it are counted and "
+                        "reported (repeatable)")
     return p.parse_args(argv)
 
 
@@ -113,9 +128,43 @@ def write_draft(args, output: Path) -> int:
     output.mkdir(parents=True, exist_ok=True)
     target = output / "eval_draft.json"
     target.write_text(json.dumps(draft, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    kept, by_question, by_chunk = without_drafted(records, draft)
+    training = formats.write(kept, str(output / "raft_without_draft"), "hf", "jsonl", "")
     print(f"wrote {len(draft)} questions (of {len(records)} records) to {target}: check every answer against the "
           "documents, fix or drop the wrong ones, then pass it with --eval_file")
+    print(f"wrote the training data without them to {training}: {len(kept)} of {len(records)} records, "
+          f"{by_question} left out for a drafted question and {by_chunk} more whose oracle chunk answers one. "
+          "Fine-tune on this file, or the evaluation measures what the model memorised")
     return 0
+
+
+def without_drafted(records: list[dict], draft: list[dict]) -> tuple[list[dict], int, int]:
+    """The records that neither ask a drafted question nor have the oracle chunk of one (another question about
+    that chunk would teach its answer): (kept records, left out by question, left out by chunk)."""
+    drafted = {metrics.squad_normalise(item["question"]) for item in draft}
+    asks = [metrics.squad_normalise(r.get("question", "")) in drafted for r in records]
+    oracles = {r.get("oracle_context") for r, hit in zip(records, asks) if hit and r.get("oracle_context")}
+    kept, by_question, by_chunk = [], 0, 0
+    for record, hit in zip(records, asks):
+        if hit:
+            by_question += 1
+        elif record.get("oracle_context") in oracles:
+            by_chunk += 1
+        else:
+            kept.append(record)
+    return kept, by_question, by_chunk
+
+
+def training_overlap(questions: list[dict], paths: list[str]) -> dict:
+    """How many eval questions the training data asks too (SQuAD-normalised match), for --train_data."""
+    asked = set()
+    for path in paths:
+        try:
+            asked |= {metrics.squad_normalise(r.get("question", "")) for r in formats.read(path, "jsonl")}
+        except ValueError as e:
+            raise InputError(f"--train_data {e}") from None
+    found = [q["question"] for q in questions if metrics.squad_normalise(q["question"]) in asked]
+    return {"files": paths, "eval_questions": len(questions), "found_in_training": len(found), "examples": found[:10]}
 
 
 # ---- answering and judging ------------------------------------------------------------------------------
@@ -125,6 +174,14 @@ def parse_baseline(spec: str) -> tuple[str, str]:
         raise ConfigError(f"--baseline {spec!r}: write it as NAME=URL, e.g. "
                           "meta-llama/Meta-Llama-3-8B-Instruct=http://localhost:8002/v1")
     return name, url
+
+
+def fingerprint(client: ChatClient, revision: str = "") -> tuple[str, dict]:
+    """(a short hash, what it hashes): the servers' description of the model behind the name, and the revision
+    the user gave. Replies cached under another fingerprint are never reused."""
+    described = {"servers": client.model_description(), "revision": revision}
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+    return digest, described
 
 
 def make_client(cfg, args, url: str, model: str, cache: Path) -> ChatClient:
@@ -162,15 +219,17 @@ def score(question: dict, result, refusal_answer: str) -> dict:
     reply = result.text or ""
     answer = metrics.answer_text(reply)
     return {"reply": reply, "answer": answer, "failed": result.text is None, "error": result.error,
+            "truncated": result.truncated,
             **metrics.rouge(answer, question["answer"]),
             "exact_match": metrics.exact_match(answer, question["answer"]),
             "refusal": metrics.is_refusal(answer, refusal_answer)}
 
 
 def judge_all(judge: ChatClient, cfg, questions, entries: list[tuple[int, dict]]):
-    """Adds 'verdict' (True/False/None) and 'judge_reply' to every entry; a failed answer is not judged."""
+    """Adds 'verdict' (True/False/None) and 'judge_reply' to every entry (an answer of a system, or a calibration
+    control); a failed answer is not judged. One pass through the client: one progress bar, full concurrency."""
     params = {"temperature": cfg["temperature"], "max_tokens": cfg["judge_max_tokens"]}
-    to_judge = [(q, e) for q, e in entries if not e["failed"]]
+    to_judge = [(q, e) for q, e in entries if not e.get("failed")]
     requests = [(fill_prompt(cfg["judge_prompt"], question=questions[q]["question"],
                              gold_answer=questions[q]["answer"], answer=e["answer"] or "(no answer)"), params)
                 for q, e in to_judge]
@@ -197,6 +256,7 @@ class Endpoint:
     url: str
     client: ChatClient
     name: str = ""       # the served model name, known after the pre-flight check
+    described: Optional[dict] = None    # what its server says about the model (see fingerprint)
 
 
 def open_endpoints(cfg, args, baselines, output: Path) -> list[Endpoint]:
@@ -210,6 +270,8 @@ def open_endpoints(cfg, args, baselines, output: Path) -> list[Endpoint]:
     try:
         for endpoint in endpoints:
             endpoint.name = endpoint.client.preflight()
+            revision = args.model_revision if endpoint.role == "model under test" else ""
+            endpoint.client.fingerprint, endpoint.described = fingerprint(endpoint.client, revision)
     except LLMFatalError as e:
         close_all(endpoints)
         raise LLMFatalError(f"{' '.join(filter(None, [endpoint.role, endpoint.client.model]))}: {e}") from None
@@ -234,6 +296,7 @@ def run(args) -> int:
     baselines = [parse_baseline(spec) for spec in args.baseline]
     questions = read_eval_file(cfg["eval_file"])[:args.limit]
     refusal_answer = load_config(cfg["raft_config"], RAFT_SCHEMA)["refusal_answer"]
+    overlap = training_overlap(questions, args.train_data) if args.train_data else None
     loaded, chunks, _ = load_chunks(cfg["data_dir"], cfg["xml_path"], cfg["verify_ssl"], cfg["chunk_size"])
     topks = clamp_topks(cfg["rag_topk"], len(chunks))
     endpoints = open_endpoints(cfg, args, baselines, output)
@@ -257,53 +320,93 @@ def run(args) -> int:
             print(f"{system.role} {system.name} at {public_host(system.url)}: {len(questions)} questions x "
                   f"{len(requests)} conditions", flush=True)
             replies = answer_all(system.client, system.name, requests)
+            say_where_answers_came_from(system)
             for condition, results in replies.items():
                 for row, question, result in zip(log, questions, results):
                     row["systems"].setdefault(system.name, {})[condition] = score(question, result, refusal_answer)
-        print(f"judge {judge.name} at {public_host(judge.url)}", flush=True)
+        controls = metrics.calibration_controls([q["answer"] for q in questions], refusal_answer, args.seed) \
+            if cfg["judge_calibration"] else []
+        print(f"judge {judge.name} at {public_host(judge.url)}"
+              + (f", with {len(controls)} calibration controls" if controls else ""), flush=True)
         judge_all(judge.client, cfg, questions, [(q, entry) for q, row in enumerate(log)
-                                                 for answers in row["systems"].values() for entry in answers.values()])
+                                                 for answers in row["systems"].values() for entry in answers.values()]
+                  + [(c["question"], c) for c in controls])
     except LLMFatalError as e:
         raise LLMFatalError(f"{e} (replies so far are kept in {output / 'cache'}; run again to resume)") from None
     finally:
         close_all(endpoints)
 
-    summary = {s.name: {condition: metrics.summarise([row["systems"][s.name][condition] for row in log])
-                        for condition in requests} for s in systems}
+    resamples = metrics.resample_indices(len(questions), cfg["bootstrap_resamples"], args.seed)
+    rows = {s.name: {condition: [row["systems"][s.name][condition] for row in log] for condition in requests}
+            for s in systems}
+    summary = {name: {condition: {**metrics.summarise(answers),
+                                  "intervals": metrics.bootstrap_intervals(answers, resamples)}
+                      for condition, answers in conditions.items()} for name, conditions in rows.items()}
+    tested, *baselines_answered = systems
+    comparisons = [{"system": tested.name, "baseline": base.name, "condition": condition,
+                    **metrics.paired_comparison(rows[tested.name][condition], rows[base.name][condition], resamples)}
+                   for base in baselines_answered for condition in requests]
+    calibration = metrics.calibration_summary(controls, cfg["judge_min_rate"]) if controls else None
     settings = {"tool": "raft-toolkit", "version": TOOLKIT_VERSION, "questions": len(questions),
                 "eval_file": cfg["eval_file"], "sources": cfg["data_dir"] or cfg["xml_path"],
                 "documents": len(loaded.documents), "chunks": len(chunks), "chunk_size": cfg["chunk_size"],
                 "retriever": cfg["retriever"], "embedding_model": cfg["embedding_model"], "rag_topk": topks,
                 "judge_model": judge.name, "endpoints": {s.name: public_host(s.url) for s in endpoints},
-                "config": cfg}
-    results = {"settings": settings, "systems": summary, "retrieval": support}
-    paths = write_outputs(output, results, log)
-    print_summary(summary, support, endpoints, paths, time.time() - started)
+                "models": {f"{s.role}: {s.name}": {"fingerprint": s.client.fingerprint, **s.described}
+                           for s in endpoints},
+                "seed": args.seed, "bootstrap_resamples": cfg["bootstrap_resamples"], "config": cfg}
+    results = {"settings": settings, "judge_calibration": calibration, "systems": summary,
+               "comparisons": comparisons, "training_overlap": overlap, "retrieval": support}
+    paths = write_outputs(output, results, log, controls)
+    print_summary(results, endpoints, paths, time.time() - started)
     return 0
 
 
-def write_outputs(output: Path, results: dict, log: list[dict]) -> list[Path]:
+def say_where_answers_came_from(system: Endpoint):
+    """A re-served model with the same name gets a new fingerprint, so its answers are asked again: say which."""
+    usage = system.client.usage
+    if usage.cached and not usage.sent:
+        print(f"  every answer of {system.name} came from the cache (model fingerprint {system.client.fingerprint} "
+              "unchanged)", flush=True)
+    elif usage.cached:
+        print(f"  {usage.cached} answers of {system.name} came from the cache, {usage.sent} were asked", flush=True)
+
+
+def write_outputs(output: Path, results: dict, log: list[dict], controls: list[dict]) -> list[Path]:
     output.mkdir(parents=True, exist_ok=True)
     (output / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     with open(output / "questions.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in log)
+    if controls:           # every control answer with the judge's reply, to see where the judge goes wrong
+        with open(output / "calibration.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in controls)
     plots = report.write_plots(results["systems"], output)
-    return [output / "metrics.json", output / "questions.jsonl", report.write_report(output, results, log), *plots]
+    written = [output / "metrics.json", output / "questions.jsonl", report.write_report(output, results, log), *plots]
+    return written + ([output / "calibration.jsonl"] if controls else [])
 
 
-def print_summary(summary, support, endpoints, paths, seconds):
-    print(f"\n{'system':32} {'condition':12} {'judge':>6} {'prec.':>6} {'refus.':>6} {'EM':>6} {'ROUGE-L':>7}")
-    for name, conditions in summary.items():
+def print_summary(results, endpoints, paths, seconds):
+    """What the run found, most important first: can the judge be trusted, the systems with their intervals,
+    which differences are real."""
+    print()
+    for line in report.calibration_lines(results["judge_calibration"], results["settings"]["judge_model"]):
+        print(line.replace("**", ""))
+    print(f"\n{'system':28} {'condition':11} " + " ".join(f"{title:>19}" for _, title in report.TABLE_METRICS))
+    for name, conditions in results["systems"].items():
         for condition, m in conditions.items():
-            precision = "n/a" if m["precision"] is None else f"{m['precision']:.3f}"
-            print(f"{name[:32]:32} {report.condition_label(condition):12} {m['judge_score']:6.3f} {precision:>6} "
-                  f"{m['refusal_rate']:6.3f} {m['exact_match']:6.3f} {m['rougeL']:7.3f}")
-    for kind, recalls in support.items():
+            print(f"{name[:28]:28} {report.condition_label(condition):11} "
+                  + " ".join(f"{report.with_interval(m[key], m['intervals'].get(key)):>19}"
+                             for key, _ in report.TABLE_METRICS))
+    for comparison in results["comparisons"]:
+        print(report.comparison_sentence(comparison))
+    if results["training_overlap"]:
+        print(report.overlap_line(results["training_overlap"]))
+    for kind, recalls in results["retrieval"].items():
         print(f"answer support {kind:7} " + "  ".join(f"{k} {v:.2f}" for k, v in recalls.items() if v is not None))
     for e in endpoints:
         u = e.client.usage
         print(f"requests {e.role} {e.name}: {u.sent} sent, {u.cached} from the cache, {u.retries} retries, "
-              f"{u.failed} failed")
+              f"{u.failed} failed, {u.truncated} cut at max_tokens")
     print(f"time {seconds:.1f} s; wrote {', '.join(str(p) for p in paths)}")
 
 

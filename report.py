@@ -1,4 +1,5 @@
-"""The evaluation's readable outputs: report.md (tables, plots, disagreements) and the PNG plots it shows.
+"""The evaluation's readable outputs: report.md (the judge's calibration, tables with intervals, comparisons in
+words, plots, disagreements) and the PNG plots it shows.
 
 Input is what raft_eval.py writes to metrics.json and questions.jsonl, so a report can be rebuilt from them.
 """
@@ -14,6 +15,9 @@ PLOTS = (("judge_score", "LLM judge score (share of YES)", "judge_score.png"),
          ("precision", "Precision = judge score / (1 - refusal rate)", "precision.png"))
 MAX_DISAGREEMENTS = 20     # per condition, in the report; questions.jsonl has them all
 SNIPPET = 160              # characters of an answer shown in the report
+# The metrics shown with their 95% intervals, in the printed summary and the report's first table.
+TABLE_METRICS = (("judge_score", "judge"), ("precision", "precision"), ("refusal_rate", "refusals"),
+                 ("exact_match", "exact match"), ("rougeL", "ROUGE-L"))
 
 
 def condition_label(condition: str) -> str:
@@ -24,6 +28,59 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def with_interval(value, interval) -> str:
+    """0.650 [0.45, 0.82]"""
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+
+
+def _rate(rate, interval, count: int, total: int) -> str:
+    return "n/a" if rate is None else f"{count} of {total}, {rate:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
+def calibration_lines(calibration, judge_model: str) -> list[str]:
+    """The judge's calibration in a few lines, its warnings first (markdown bold, plain once ** is removed)."""
+    if not calibration:
+        return ["judge calibration: off (judge_calibration: false in the config): nothing tells whether the "
+                "judge's verdicts can be believed"]
+    c = calibration
+    lines = [f"**WARNING: {warning}.**" for warning in c["warnings"]]
+    lines += [f"judge calibration ({judge_model}, {c['right_controls'] + c['wrong_controls']} control answers "
+              "whose verdict is known):",
+              f"- true-positive rate (YES to a question's own gold answer): "
+              f"{_rate(c['true_positive_rate'], c['true_positive_interval'], c['accepted_right'], c['right_controls'])}",
+              f"- true-negative rate (NO to another question's gold answer or to the refusal): "
+              f"{_rate(c['true_negative_rate'], c['true_negative_interval'], c['rejected_wrong'], c['wrong_controls'])}",
+              f"- unparseable verdicts: {_rate(c['unparseable_rate'], c['unparseable_interval'], c['unparseable'], c['right_controls'] + c['wrong_controls'])}"]
+    if not c["warnings"]:
+        lines.append(f"- both rates are at least {c['threshold']:.2f}: the judge's scores can be read as accuracy")
+    return lines
+
+
+def comparison_sentence(c: dict) -> str:
+    """raft-8b vs 70B at RAG top-7: +1.4 points [-6.9, +9.7], not significant at 5% ..."""
+    low, high = c["interval"] if c["interval"] else (0.0, 0.0)
+    verdict = "significant at 5%" if c["significant"] else "not significant at 5%"
+    sentence = (f"{c['system']} vs {c['baseline']} at {condition_label(c['condition'])}: "
+                f"{100 * c['difference']:+.1f} points [{100 * low:+.1f}, {100 * high:+.1f}], {verdict} "
+                f"(exact McNemar p = {c['mcnemar_p']:.3g}; right only for {c['system']}: {c['only_first_right']}, "
+                f"only for {c['baseline']}: {c['only_second_right']}, of {c['questions']} questions)")
+    if c["questions_needed"]:
+        sentence += (f"; a difference of {100 * abs(c['difference']):.1f} points needs about "
+                     f"{c['questions_needed']:,} questions to be found at 5% with 80% power")
+    return sentence
+
+
+def overlap_line(overlap: dict) -> str:
+    found = overlap["found_in_training"]
+    if not found:
+        return f"training data ({', '.join(overlap['files'])}): none of the {overlap['eval_questions']} eval questions is in it"
+    return (f"WARNING: {found} of {overlap['eval_questions']} eval questions are also in the training data "
+            f"({', '.join(overlap['files'])}), e.g. {overlap['examples'][0]!r}: their scores measure memory, not "
+            "generalisation (raft_eval.py --draft_from writes training data without them)")
+
+
 def plot_metric(systems: dict, key: str, title: str, path: Path):
     """Grouped bars: one group per system, one bar per condition (no RAG, then each top-k)."""
     names = list(systems)
@@ -32,13 +89,18 @@ def plot_metric(systems: dict, key: str, title: str, path: Path):
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(names) * len(conditions) ** 0.5), 3.6))
     for c, condition in enumerate(conditions):
         values = [systems[name][condition][key] for name in names]
+        intervals = [systems[name][condition].get("intervals", {}).get(key) for name in names]
+        # Error bars: the 95% bootstrap interval (none where there is no value).
+        errors = [[(v - i[0]) if v is not None and i else 0.0 for v, i in zip(values, intervals)],
+                  [(i[1] - v) if v is not None and i else 0.0 for v, i in zip(values, intervals)]]
         xs = [i + (c - (len(conditions) - 1) / 2) * width for i in range(len(names))]
-        bars = ax.bar(xs, [v or 0.0 for v in values], width, label=condition_label(condition))
+        bars = ax.bar(xs, [v or 0.0 for v in values], width, label=condition_label(condition),
+                      yerr=errors, capsize=3, error_kw={"elinewidth": 0.8})
         ax.bar_label(bars, labels=[_fmt(v) for v in values], fontsize=7, padding=1)
     ax.set_xticks(range(len(names)), names, fontsize=8)
     ax.set_ylim(0, 1.3)                     # head room for the legend above bars that reach 1.0
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    ax.set_title(title, fontsize=10)
+    ax.set_title(f"{title}, 95% intervals", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", ncols=min(4, len(conditions)))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -54,15 +116,15 @@ def write_plots(systems: dict, folder: Path) -> list[Path]:
 
 
 def _metrics_table(systems: dict) -> list[str]:
-    lines = ["| system | condition | judge | precision | refusals | exact match | ROUGE-1 | ROUGE-2 | ROUGE-L "
-             "| unparseable verdicts | failed requests |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| system | condition | " + " | ".join(title for _, title in TABLE_METRICS)
+             + " | ROUGE-1 | ROUGE-2 | unparseable verdicts | cut at max_tokens | failed requests |",
+             "|---|---|" + "---|" * (len(TABLE_METRICS) + 5)]
     for name, conditions in systems.items():
         for condition, m in conditions.items():
-            lines.append(f"| {name} | {condition_label(condition)} | {_fmt(m['judge_score'])} | {_fmt(m['precision'])} "
-                         f"| {_fmt(m['refusal_rate'])} | {_fmt(m['exact_match'])} | {_fmt(m['rouge1'])} "
-                         f"| {_fmt(m['rouge2'])} | {_fmt(m['rougeL'])} | {m['judge_unparseable']} "
-                         f"| {m['failed_requests']} |")
+            lines.append(f"| {name} | {condition_label(condition)} | "
+                         + " | ".join(with_interval(m[key], m.get("intervals", {}).get(key)) for key, _ in TABLE_METRICS)
+                         + f" | {_fmt(m['rouge1'])} | {_fmt(m['rouge2'])} | {m['judge_unparseable']} "
+                         f"| {m.get('truncated', 0)} | {m['failed_requests']} |")
     return lines
 
 
@@ -109,10 +171,28 @@ def write_report(folder: Path, metrics: dict, log: list[dict]) -> Path:
              f"{settings['questions']} questions from `{settings['eval_file']}`; {settings['chunks']} chunks from "
              f"`{settings['sources']}` (chunk size {settings['chunk_size']}), {settings['retriever']} retrieval; "
              f"judge: {settings['judge_model']}.", "",
-             "judge = share of answers the judge called correct; refusals = share of answers that declined; "
-             "precision = judge / (1 - refusals), the accuracy of the answers a system dared to give. "
-             "Exact match and ROUGE compare the text after `<ANSWER>:` (or the whole reply) with the gold answer.", "",
-             "## Systems", "", *_metrics_table(systems), ""]
+             "## Can the judge be trusted?", "",
+             *calibration_lines(metrics.get("judge_calibration"), settings["judge_model"]), "",
+             "The judge also graded answers whose verdict is known: each question's own gold answer (it should say "
+             "YES) and a wrong one (another question's gold answer, the refusal: it should say NO). A judge that "
+             "says YES to wrong answers inflates every judge score below; `calibration.jsonl` has each control "
+             "with the judge's reply.", ""]
+    if metrics.get("training_overlap"):
+        lines += [overlap_line(metrics["training_overlap"]), ""]
+    lines += ["## Systems", "",
+              "judge = share of answers the judge called correct; refusals = share of answers that declined; "
+              "precision = share of correct answers among those that did not decline and were judged (the "
+              "tutorial's judge / (1 - refusals)). Exact match and ROUGE compare the text after `<ANSWER>:` (or the "
+              "whole reply) with the gold answer. Brackets: 95% bootstrap interval over the questions "
+              f"({settings.get('bootstrap_resamples', 'n/a')} resamples): with few questions they are wide, and "
+              "two systems whose intervals overlap may not differ at all.", "",
+              *_metrics_table(systems), ""]
+    if metrics.get("comparisons"):
+        lines += ["## Is the difference real?", "",
+                  "Each comparison is paired: the same questions, answered by both systems. The interval is the "
+                  "paired bootstrap interval of the judge-score difference; the p-value is the exact McNemar test "
+                  "on the questions exactly one of the two got right.", "",
+                  *[f"- {comparison_sentence(c)}" for c in metrics["comparisons"]], ""]
     lines += [f"![{title}]({name})" for _, title, name in PLOTS] + [""]
     if len(systems) > 1:
         lines += _disagreement_section(log, conditions)

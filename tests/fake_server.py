@@ -27,6 +27,7 @@ class Reply:
     headers: dict = field(default_factory=dict)
     raw: Optional[bytes] = None       # a body sent as is (garbage, truncated JSON)
     delay: float = 0.0                # seconds before answering (a hanging request)
+    finish_reason: str = "stop"       # "length": the reply was cut at max_tokens
 
 
 def document_of(body: dict) -> str:
@@ -52,8 +53,10 @@ def request_hash(body: dict) -> str:
 
 
 class FakeOpenAI:
-    def __init__(self, models=("teacher",), api_key: Optional[str] = None, delay: float = 0.0):
+    def __init__(self, models=("teacher",), api_key: Optional[str] = None, delay: float = 0.0,
+                 model_info: Optional[dict] = None):
         self.models = list(models)
+        self.model_info = model_info or {}     # extra fields of every /models entry (vLLM's root, max_model_len)
         self.api_key = api_key                 # when set, other keys get 401
         self.delay = delay                     # added to every chat request (benchmarks)
         self.script: Callable[[dict, int], Optional[Reply]] = lambda body, n: None
@@ -111,7 +114,8 @@ class FakeOpenAI:
                 if not self._authorised():
                     return
                 if self.path == "/v1/models":
-                    data = [{"id": m, "object": "model"} for m in fake.models]
+                    data = [{"id": m, "object": "model", "created": int(time.time()), **fake.model_info}
+                            for m in fake.models]
                     self._send(200, json.dumps({"object": "list", "data": data}).encode())
                 else:
                     self._send(404, b'{"error": "not found"}')
@@ -135,7 +139,7 @@ class FakeOpenAI:
                 if body.get("stream"):
                     return self._send_stream(number, body["model"], content, reply.headers)
                 payload = {"id": f"cmpl-{number}", "object": "chat.completion", "model": body["model"],
-                           "choices": [{"index": 0, "finish_reason": "stop",
+                           "choices": [{"index": 0, "finish_reason": reply.finish_reason,
                                         "message": {"role": "assistant", "content": content}}],
                            "usage": {"prompt_tokens": len(json.dumps(body["messages"])) // 4,
                                      "completion_tokens": len(content) // 4,

@@ -77,7 +77,12 @@ def test_evaluation_with_smollm2_as_model_and_judge(teacher_url, tmp_path):
     assert len(log) == 3 and all(len(row["retrieved"]) == 2 for row in log)
     assert all(row["systems"]["smollm2-135m-instruct"]["rag_top2"]["reply"].strip() for row in log)
     assert (tmp_path / "eval" / "report.md").exists() and (tmp_path / "eval" / "judge_score.png").exists()
-    assert "requests judge smollm2-135m-instruct: 6 sent" in done.stdout
+    # 6 answers and 9 control answers (each question's gold answer, another's, the refusal) were judged
+    assert "requests judge smollm2-135m-instruct: 15 sent" in done.stdout
+    calibration = result["judge_calibration"]
+    assert calibration["right_controls"] == 3 and calibration["wrong_controls"] == 6
+    assert "judge calibration (smollm2-135m-instruct, 9 control answers" in done.stdout
+    assert "## Can the judge be trusted?" in (tmp_path / "eval" / "report.md").read_text()
 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count(": 0 sent,") == 2   # the model and the judge: all cached

@@ -70,10 +70,44 @@ def test_malformed_bodies_are_retried(fake, raw):
     assert result.text == "ok" and len(fake.requests) == 2
 
 
-def test_empty_content_is_an_answer_not_an_error(fake):
+def test_an_empty_reply_is_a_failure_and_is_retried(fake):
+    fake.script = lambda body, n: Reply(content=" \n") if n == 0 else Reply(content="ok")
+    [result] = client_for(fake).complete_all([(HELLO, {})], "t")
+    assert result.text == "ok" and len(fake.requests) == 2
     fake.script = lambda body, n: Reply(content="")
     [result] = client_for(fake).complete_all([(HELLO, {})], "t")
-    assert result.text == "" and result.error is None
+    assert result.text is None and result.error == "empty reply"
+
+
+def test_a_reply_cut_at_max_tokens_is_marked_and_cached_as_such(fake, tmp_path):
+    fake.script = lambda body, n: Reply(content="a long story that goes on and", finish_reason="length")
+    client = client_for(fake, tmp_path)
+    [result] = client.complete_all([(HELLO, {"max_tokens": 8})], "t")
+    assert result.text.startswith("a long story") and result.truncated and client.usage.truncated == 1
+    client.close()
+    again = client_for(fake, tmp_path)
+    [cached] = again.complete_all([(HELLO, {"max_tokens": 8})], "t")
+    assert cached.cached and cached.truncated and len(fake.requests) == 1
+
+
+def test_the_cache_key_follows_the_model_fingerprint(fake, tmp_path):
+    first = client_for(fake, tmp_path, fingerprint="aaaa")
+    first.complete_all([(HELLO, {})], "t")
+    first.close()
+    same, other = client_for(fake, tmp_path, fingerprint="aaaa"), client_for(fake, tmp_path, fingerprint="bbbb")
+    assert same.complete_all([(HELLO, {})], "t")[0].cached
+    assert not other.complete_all([(HELLO, {})], "t")[0].cached and len(fake.requests) == 2
+    assert cache_key("m", HELLO, {}) != cache_key("m", HELLO, {}, "aaaa")
+
+
+def test_the_model_description_has_the_servers_fields_but_no_host_or_time():
+    with FakeOpenAI(models=("m",), model_info={"root": "/models/a", "max_model_len": 8192}) as a, \
+            FakeOpenAI(models=("m",), model_info={"root": "/models/a", "max_model_len": 8192}) as b:
+        client = ChatClient(urls=[a.url, b.url], model="m", max_retries=0)
+        client.preflight()
+        assert client.model_description() == [{"id": "m", "object": "model", "root": "/models/a",
+                                                "max_model_len": 8192}]
+        client.close()
 
 
 def test_400_is_not_retried(fake):

@@ -1,4 +1,6 @@
 """Each metric against values computed by hand."""
+import random
+
 import pytest
 
 import metrics
@@ -34,11 +36,11 @@ def test_answer_text_prefers_the_answer_part():
 @pytest.mark.parametrize("reply, verdict", [
     ("YES", True), ("no", False), ("Yes.", True), ("**NO**", False), ("`yes`", True),
     ("Verdict: YES", True), ("The answer is correct, so yes.", True),
-    ("No, the answer says 8B but the gold is 70B.", False),   # the first word decides
-    ("I think yes, but no", None),                             # yes and no, neither first: not guessed
+    ("No, the answer says 8B but the gold is 70B.", False),   # the first decisive word decides
+    ("The answer is correct; there is no contradiction.", True), ("I think yes, but no", True),
     ("The answer is correct.", True), ("The answer is incorrect.", False), ("That is wrong", False),
-    ("It is not correct.", False), ("Partly correct, partly wrong", None),
-    ("Maybe", None), ("", None), (None, None), ("Yesterday", None), ("Nobody knows", None)])
+    ("It is not correct.", False), ("Not wrong at all.", True), ("Partly wrong, partly correct", False),
+    ("Maybe", None), ("", None), (None, None), ("Yesterday", None), ("Nobody knows", None), ("Correctness", None)])
 def test_parse_verdict(reply, verdict):
     assert metrics.parse_verdict(reply) is verdict
 
@@ -56,10 +58,13 @@ def test_is_refusal(answer, refused):
     assert metrics.is_refusal(answer, REFUSAL) is refused
 
 
-def test_precision():
-    assert metrics.precision(0.5, 0.25) == pytest.approx(2 / 3)
-    assert metrics.precision(0.0, 0.0) == 0.0
-    assert metrics.precision(0.0, 1.0) is None      # refused everything: nothing to be precise about
+def test_precision_counts_only_judged_answers_that_did_not_decline():
+    row = dict(verdict=True, refusal=False, failed=False)
+    rows = [row, {**row, "verdict": False}, {**row, "verdict": None},          # unparseable: says nothing
+            {**row, "failed": True, "verdict": None}, {**row, "refusal": True, "verdict": True}]   # a refusal judged YES
+    assert metrics.precision(rows) == 0.5
+    assert metrics.precision([row] * 3) == 1.0                                 # never above 1
+    assert metrics.precision([{**row, "refusal": True}]) is None               # refused everything
 
 
 def test_answer_supported():
@@ -79,7 +84,8 @@ def test_summarise_by_hand():
             {**row, "rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0, "exact_match": False, "verdict": None}]
     m = metrics.summarise(rows)
     assert m["questions"] == 4 and m["judge_yes"] == 1 and m["judge_unparseable"] == 1 and m["refusals"] == 1
-    assert m["judge_score"] == 0.25 and m["refusal_rate"] == 0.25 and m["precision"] == pytest.approx(1 / 3)
+    # precision: 1 YES among the 2 judged answers that did not decline (the refusal and the unparseable one say nothing)
+    assert m["judge_score"] == 0.25 and m["refusal_rate"] == 0.25 and m["precision"] == 0.5
     assert m["rouge1"] == pytest.approx(1.5 / 4) and m["rouge2"] == 0.25 and m["exact_match"] == 0.25
 
 
@@ -98,3 +104,67 @@ def test_support_recall_by_hand():
     assert metrics.support_recall(rankings, chunks, answers, 1) == 0.0
     assert metrics.support_recall(rankings, chunks, answers, 2) == 1.0
     assert metrics.support_recall([[0]], chunks, ["Yes"], 1) is None
+
+
+# ---- intervals and comparisons -----------------------------------------------------------------------------------
+def test_wilson_interval_by_hand():
+    # 8 of 10, z = 1.96: centre (0.8 + 0.19208) / 1.38415 = 0.71683, half 1.96 * sqrt(0.016 + 0.00096) / 1.38415 = 0.18443
+    low, high = metrics.wilson_interval(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+    assert metrics.wilson_interval(0, 20)[0] == 0.0 and metrics.wilson_interval(0, 20)[1] == pytest.approx(0.1611, abs=1e-4)
+    assert metrics.wilson_interval(5, 0) is None
+
+
+def test_bootstrap_intervals_cover_a_known_proportion():
+    """Questions a system gets right with probability 0.6: the 95% interval must contain 0.6 in about 95% of
+    repeated evaluations (checked over 300 synthetic evaluations of 80 questions)."""
+    rng = random.Random(0)
+    covered = 0
+    for trial in range(300):
+        rows = [dict(verdict=rng.random() < 0.6, refusal=False, failed=False, exact_match=False, rougeL=0.0)
+                for _ in range(80)]
+        low, high = metrics.bootstrap_intervals(rows, metrics.resample_indices(80, 400, seed=trial))["judge_score"]
+        covered += low <= 0.6 <= high
+    assert 0.90 <= covered / 300 <= 0.99
+
+
+def test_mcnemar_by_hand():
+    # b = 8, c = 2: P(X <= 2 | n = 10, 1/2) = (1 + 10 + 45) / 1024 = 0.0546875; two-sided 0.109375
+    assert metrics.mcnemar_exact_p(8, 2) == pytest.approx(0.109375)
+    assert metrics.mcnemar_exact_p(10, 0) == pytest.approx(2 / 1024)
+    assert metrics.mcnemar_exact_p(3, 3) == 1.0 and metrics.mcnemar_exact_p(0, 0) == 1.0
+
+
+def test_questions_needed_by_hand():
+    # d = 0.1, discordant 0.3: (1.96 sqrt(0.3) + 0.8416 sqrt(0.29))^2 / 0.01 = (1.07353 + 0.45322)^2 / 0.01 = 233.1
+    assert metrics.questions_needed(0.1, 0.3) == 234
+    assert metrics.questions_needed(0.0, 0.3) is None
+
+
+def test_paired_comparison_by_hand():
+    row = dict(refusal=False, failed=False, exact_match=False, rougeL=0.0)
+    first = [{**row, "verdict": v} for v in [True] * 6 + [False] * 4]
+    second = [{**row, "verdict": v} for v in [True, False, False, False, False, False, True, True, False, False]]
+    c = metrics.paired_comparison(first, second, metrics.resample_indices(10, 2000, seed=1))
+    assert (c["only_first_right"], c["only_second_right"], c["difference"]) == (5, 2, pytest.approx(0.3))
+    assert c["mcnemar_p"] == pytest.approx(2 * (1 + 7 + 21) / 128) and not c["significant"]
+    low, high = c["interval"]
+    assert low < 0.3 < high
+
+
+def test_calibration_of_a_judge_that_says_yes_to_everything():
+    controls = metrics.calibration_controls(["8 GPUs", "128K tokens", "Yes", "yes"], REFUSAL, seed=0)
+    kinds = [c["kind"] for c in controls]
+    assert kinds.count("gold") == 4 and kinds.count("refusal") == 4
+    assert kinds.count("other") == 4         # "Yes" and "yes" are the same answer: their wrong one is drawn elsewhere
+    for c in controls:
+        if c["kind"] == "other":
+            assert metrics.squad_normalise(c["answer"]) != metrics.squad_normalise(["8 GPUs", "128K tokens", "Yes", "yes"][c["question"]])
+    for c in controls:
+        c["verdict"] = True
+    summary = metrics.calibration_summary(controls, 0.9)
+    assert summary["true_positive_rate"] == 1.0 and summary["true_negative_rate"] == 0.0
+    assert summary["warnings"] == ["the judge accepted 8 of 8 wrong answers: its scores are not reliable"]
+    for c in controls:
+        c["verdict"] = c["expected"]
+    assert metrics.calibration_summary(controls, 0.9)["warnings"] == []

@@ -179,3 +179,32 @@ def test_killed_run_resumes_without_resending_finished_requests(tmp_path):
                               capture_output=True).returncode == 0
         assert len(fake.requests) - sent_before - len(resent) == total_needed
     assert (tmp_path / "resumed" / "raft.jsonl").read_bytes() == (tmp_path / "straight" / "raft.jsonl").read_bytes()
+
+
+def test_replies_cut_at_max_tokens_are_asked_again_with_twice_the_budget_then_dropped(fake, corpus, tmp_path, capsys):
+    """A cut answer is never used: asked once more with twice max_tokens; if that is cut too, it is dropped."""
+    answers = {}
+
+    def script(body, n):
+        if not is_answer_request(body):
+            return None
+        question = question_of(body)
+        order = answers.setdefault(question, len(answers))
+        if order == 0:                                   # always cut
+            return Reply(content="A chain of thought that never", finish_reason="length")
+        if order == 1 and body["max_tokens"] == 1024:    # cut at the configured budget, whole with twice of it
+            return Reply(content="Half a thought", finish_reason="length")
+        return None
+    fake.script = script
+    out = tmp_path / "out"
+    assert run_raft(fake, corpus, out) == 0
+    budgets = [b["max_tokens"] for b in fake.requests if is_answer_request(b) and answers.get(question_of(b)) in (0, 1)]
+    assert sorted(budgets) == [1024, 1024, 2048, 2048]
+    records = read_jsonl(out / "raft.jsonl")
+    first, second = (question.splitlines()[0] for question in sorted(answers, key=answers.get)[:2])
+    assert first not in {r["question"] for r in records} and second in {r["question"] for r in records}
+    assert all("Half a thought" not in r["cot_answer"] for r in records)
+    counts = json.loads((out / "raft_run.json").read_text())["counts"]
+    assert counts["dropped"]["truncated: cut at max_tokens, also with twice the budget"] == 1
+    assert counts["replies cut at max_tokens"] == 2
+    assert "2 replies cut at max_tokens asked again with twice the budget" in capsys.readouterr().out

@@ -70,7 +70,10 @@ def test_full_run_exact_metrics_and_outputs(servers, eval_setup):
 
     rag = result["systems"]["student"]["rag_top2"]
     assert rag["judge_yes"] == 2 and rag["judge_unparseable"] == 1 and rag["refusals"] == 1
-    assert rag["judge_score"] == 0.5 and rag["refusal_rate"] == 0.25 and rag["precision"] == pytest.approx(2 / 3)
+    # precision: both answers that neither declined nor left the judge unsure were judged YES
+    assert rag["judge_score"] == 0.5 and rag["refusal_rate"] == 0.25 and rag["precision"] == 1.0
+    low, high = rag["intervals"]["judge_score"]
+    assert 0.0 <= low < 0.5 < high <= 1.0 and rag["intervals"]["precision"] == [1.0, 1.0]
     assert rag["exact_match"] == 0.25
     # ROUGE-1: 1, 2/3 (the blue whale swims vs blue whale), 0, 0; ROUGE-2: 1, 1/2, 0, 0
     assert rag["rouge1"] == pytest.approx((1 + 2 / 3) / 4) and rag["rouge2"] == pytest.approx(1.5 / 4)
@@ -97,7 +100,18 @@ def test_full_run_exact_metrics_and_outputs(servers, eval_setup):
     assert entry["answer"] == "the blue whale swims" and entry["verdict"] is True and entry["judge_reply"] == "YES"
 
     text = (out / "report.md").read_text()
-    assert "| student | RAG top-2 | 0.500 | 0.667 | 0.250 | 0.250 |" in text
+    assert f"| student | RAG top-2 | 0.500 [{low:.2f}, {high:.2f}] | 1.000 [1.00, 1.00] | 0.250 [" in text
+    # the judge of this test is right on every control answer: no warning, and the rates at the top of the report
+    calibration = result["judge_calibration"]
+    assert calibration["true_positive_rate"] == 1.0 and calibration["true_negative_rate"] == 1.0
+    assert calibration["right_controls"] == 4 and calibration["wrong_controls"] == 8 and not calibration["warnings"]
+    assert text.index("## Can the judge be trusted?") < text.index("## Systems")
+    assert "true-negative rate (NO to another question's gold answer or to the refusal): 8 of 8, 1.00 [0.68, 1.00]" in text
+    comparisons = [c for c in result["comparisons"] if c["condition"] == "rag_top2"]
+    assert len(comparisons) == 1 and comparisons[0]["baseline"] == "base"
+    # top-2: student right on 2 (code, whale), base right on the gate only -> +0.25, 2 vs 1 discordant
+    assert comparisons[0]["difference"] == 0.25 and comparisons[0]["only_first_right"] == 2
+    assert "student vs base at RAG top-2: +25.0 points [" in text and "not significant at 5%" in text
     # with top-2 the systems disagree on all but the lanterns (both NO); without RAG only on the gate (base YES)
     assert "### RAG top-2: 3 question(s)" in text and "### no RAG: 1 question(s)" in text
     assert "Which lanterns are lit?" not in text
@@ -109,7 +123,8 @@ def test_full_run_exact_metrics_and_outputs(servers, eval_setup):
 def test_second_run_resumes_from_the_cache(servers, eval_setup):
     assert run_eval(servers, eval_setup, "-r", "2") == 0
     sent = [len(server.requests) for server in servers]
-    assert sent == [8, 8, 16]                                  # 4 questions x (no RAG + top-2), per system; judge all
+    # 4 questions x (no RAG + top-2), per system; the judge: all 16 answers and 3 control answers per question
+    assert sent == [8, 8, 16 + 12]
     assert run_eval(servers, eval_setup, "-r", "2") == 0
     assert [len(server.requests) for server in servers] == sent
 
@@ -213,3 +228,97 @@ def test_draft_from_a_raft_dataset(tmp_path, capsys):
 def test_draft_from_a_missing_dataset(tmp_path, capsys):
     assert raft_eval.main(["--draft_from", str(tmp_path / "none.jsonl"), "-o", str(tmp_path)]) == 2
     assert "none.jsonl not found" in one_line_error(capsys)
+
+
+def test_a_judge_that_agrees_with_everything_is_flagged(servers, eval_setup, capsys):
+    servers[2].script = lambda body, n: Reply(content="YES")
+    assert run_eval(servers, eval_setup, "-r", "2") == 0
+    out = eval_setup[2]
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["judge_calibration"]["true_negative_rate"] == 0.0
+    warning = "the judge accepted 8 of 8 wrong answers: its scores are not reliable"
+    assert result["judge_calibration"]["warnings"] == [warning]
+    assert f"WARNING: {warning}" in capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    assert report.index(f"**WARNING: {warning}.**") < report.index("## Systems")
+    controls = [json.loads(line) for line in open(out / "calibration.jsonl")]
+    assert {c["kind"] for c in controls} == {"gold", "other", "refusal"} and all(c["verdict"] for c in controls)
+
+
+def test_calibration_can_be_switched_off(servers, eval_setup, tmp_path):
+    config = tmp_path / "eval.yaml"
+    config.write_text(open(raft_eval.__file__.replace("raft_eval.py", "raft_eval_config.yaml")).read()
+                      .replace("judge_calibration: true", "judge_calibration: false"))
+    assert run_eval(servers, eval_setup, "-r", "2", "-c", str(config)) == 0
+    assert len(servers[2].requests) == 16
+    assert json.loads((eval_setup[2] / "metrics.json").read_text())["judge_calibration"] is None
+
+
+def test_a_different_model_served_under_the_same_name_gets_new_answers(eval_setup, capsys):
+    corpus, eval_file, out = eval_setup
+
+    def evaluate(student_server, judge_server, *extra):
+        return raft_eval.main(["-u", student_server.url, "-j", judge_server.url, "-d", str(corpus), "--eval_file",
+                               str(eval_file), "-o", str(out), "--retriever", "bm25", "-r", "2", *extra])
+    with FakeOpenAI(models=("judge",)) as j:
+        j.script = judge
+        with FakeOpenAI(models=("student",), model_info={"root": "/ckpt/epoch1"}) as first:
+            first.script = student
+            assert evaluate(first, j) == 0 and len(first.requests) == 8
+        with FakeOpenAI(models=("student",), model_info={"root": "/ckpt/epoch1"}) as same:   # restarted, new port
+            assert evaluate(same, j) == 0 and not same.requests
+            assert "every answer of student came from the cache" in capsys.readouterr().out
+        with FakeOpenAI(models=("student",), model_info={"root": "/ckpt/epoch2"}) as retrained:
+            retrained.script = student
+            assert evaluate(retrained, j) == 0 and len(retrained.requests) == 8
+        with FakeOpenAI(models=("student",), model_info={"root": "/ckpt/epoch2"}) as relabelled:
+            relabelled.script = student
+            assert evaluate(relabelled, j, "--model_revision", "run-7") == 0 and len(relabelled.requests) == 8
+        fingerprints = json.loads((out / "metrics.json").read_text())["settings"]["models"]
+        assert fingerprints["model under test: student"]["revision"] == "run-7"
+        assert fingerprints["model under test: student"]["servers"][0]["root"] == "/ckpt/epoch2"
+
+
+def test_answers_cut_at_max_tokens_are_counted(servers, eval_setup):
+    def cut_once(body, n):
+        reply = student(body, n)
+        if "<DOCUMENT>" in body["messages"][-1]["content"] and question_in(body) == "What animal is it?":
+            reply.finish_reason = "length"
+        return reply
+    servers[0].script = cut_once
+    assert run_eval(servers, eval_setup, "-r", "2") == 0
+    result = json.loads((eval_setup[2] / "metrics.json").read_text())
+    assert result["systems"]["student"]["rag_top2"]["truncated"] == 1
+    assert result["systems"]["student"]["no_rag"]["truncated"] == 0
+    log = [json.loads(line) for line in open(eval_setup[2] / "questions.jsonl")]
+    assert log[1]["systems"]["student"]["rag_top2"]["truncated"] is True
+    assert "| cut at max_tokens |" in (eval_setup[2] / "report.md").read_text()
+
+
+def test_training_data_that_holds_eval_questions_is_reported(servers, eval_setup, tmp_path, capsys):
+    train = tmp_path / "raft.jsonl"
+    train.write_text("".join(json.dumps({"id": f"seed_task_{i}", "question": q, "instruction": "docs",
+                                         "cot_answer": "<ANSWER>: x"}) + "\n"
+                             for i, q in enumerate(["what is the FIRST code", "Something else?"])))
+    assert run_eval(servers, eval_setup, "-r", "2", "--train_data", str(train)) == 0
+    overlap = json.loads((eval_setup[2] / "metrics.json").read_text())["training_overlap"]
+    assert overlap["found_in_training"] == 1 and overlap["examples"] == ["What is the first code?"]
+    assert "WARNING: 1 of 4 eval questions are also in the training data" in capsys.readouterr().out
+
+
+def test_the_draft_comes_with_training_data_that_leaves_it_out(tmp_path, capsys):
+    chunks = [f"chunk {c} text" for c in range(6)]
+    records = [{"id": f"seed_task_{i}", "question": f"Question {i}?", "instruction": "docs",
+                "oracle_context": chunks[i % 6], "cot_answer": f"<ANSWER>: answer {i}"} for i in range(12)]
+    records += [{"id": f"refusal_task_{i}", "question": f"Question {i}?", "instruction": "docs",
+                 "oracle_context": chunks[i % 6], "cot_answer": "<ANSWER>: " + REFUSAL} for i in range(12)]
+    dataset = tmp_path / "raft.jsonl"
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert raft_eval.main(["--draft_from", str(dataset), "--draft_size", "2", "-o", str(tmp_path / "d")]) == 0
+    drafted = {item["question"] for item in json.loads((tmp_path / "d" / "eval_draft.json").read_text())}
+    kept = [json.loads(line) for line in open(tmp_path / "d" / "raft_without_draft.jsonl")]
+    drafted_chunks = {r["oracle_context"] for r in records if r["question"] in drafted}
+    assert kept and not {r["question"] for r in kept} & drafted
+    assert not {r["oracle_context"] for r in kept} & drafted_chunks
+    assert len(kept) == len([r for r in records if r["oracle_context"] not in drafted_chunks])
+    assert "Fine-tune on this file" in capsys.readouterr().out
