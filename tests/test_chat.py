@@ -99,6 +99,7 @@ def test_ctrl_c_stops_an_answer_not_the_chat(server):
     deadline = time.time() + 60
     while not server.requests and time.time() < deadline:      # the question has reached the server
         time.sleep(0.1)
+    time.sleep(0.5)           # and the chat waits for the reply (once, on a loaded machine, a Ctrl-C sent at once was lost)
     session.send_signal(signal.SIGINT)
     out, err = session.communicate(QUESTION + "\n", timeout=120)
     assert session.returncode == 0, err
