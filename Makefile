@@ -1,5 +1,5 @@
 # The toolkit's entry points. Each target can be re-run; setup skips what is already there.
-#   make setup      both environments (.venv for the toolkit, .venv-teacher for llama.cpp) and the model
+#   make setup      .venv for the toolkit, llama.cpp's llama-server built in .venv-teacher, and the model
 #   make generate   RAFT data from data/ with the local teacher (SmolLM2 on llama.cpp), into output/
 #                   (RAFT_ARGS="-t 2 --max_chunks 10" for a quick look)
 #   make demo       the whole recipe on this CPU: data, fine-tune, convert, serve, evaluate, report (~20 min;

@@ -13,7 +13,6 @@ sets "handoff": true. An empty line asks again; Ctrl-C stops the current answer;
 """
 import argparse
 import json
-import os
 import re
 import sys
 import threading
@@ -22,7 +21,7 @@ from pathlib import Path
 import metrics
 from config import EVAL_SCHEMA, RAFT_SCHEMA, ConfigError, fill_prompt, load_config, load_config_with_flags
 from hardware import compute_dtype, torch_dtype
-from llm_client import ChatClient, LLMFatalError, public_host
+from llm_client import LLMFatalError, add_client_flags, client_from_config, connect, public_host
 from raft_utils import InputError, final_answer, instruction, load_chunks
 from retrieval import build_retriever
 
@@ -36,7 +35,6 @@ def parse_args(argv):
     p.add_argument("-c", "--config", default="raft_eval_config.yaml", help="retrieval and prompt settings")
     p.add_argument("-u", "--url", default=DEFAULT_URL, help=f"API base URL of the model (default {DEFAULT_URL})")
     p.add_argument("-m", "--model", help="served model name (default: the only model at -u)")
-    p.add_argument("-k", "--api_key", default="EMPTY", help="API key; the API_KEY environment variable wins over it")
     p.add_argument("--model_path", help="a Hugging Face model folder to run in this process instead of a server")
     p.add_argument("-r", "--topk", type=int, help="chunks retrieved per question (default: rag_topk's first value)")
     p.add_argument("-d", "--data_dir", help="documents folder")
@@ -48,6 +46,7 @@ def parse_args(argv):
     p.add_argument("--question", help="answer this one question and exit (exit code 3: handed off)")
     p.add_argument("--json", action="store_true", help="with --question: print one JSON object instead of text")
     p.add_argument("--max_tokens", type=int, dest="answer_max_tokens", help="longest reply, in tokens")
+    add_client_flags(p)
     return p.parse_args(argv)
 
 
@@ -55,10 +54,10 @@ def parse_args(argv):
 class ServerModel:
     """An OpenAI-compatible server, through the shared client."""
 
-    def __init__(self, args):
-        self.client = ChatClient(urls=[args.url], api_key=os.environ.get("API_KEY") or args.api_key,
-                                 model=args.model or "", max_retries=1)
-        self.name = self.client.preflight()
+    def __init__(self, cfg, args):
+        # One retry at most: a person is waiting for the answer.
+        self.client = client_from_config(cfg, args, [args.url], args.model, None, max_retries=min(1, cfg["max_retries"]))
+        self.name = connect(self.client, args)
         self.where = public_host(args.url)
 
     def stream(self, messages, params):
@@ -235,7 +234,7 @@ def run(args) -> int:
     if topk < 1:
         raise ConfigError(f"-r must be 1 or more, got {topk}")
     assistant = Assistant(cfg, topk, args.rag)
-    model = LocalModel(args.model_path) if args.model_path else ServerModel(args)
+    model = LocalModel(args.model_path) if args.model_path else ServerModel(cfg, args)
     try:
         return one_shot(assistant, model, args) if args.question else interactive(assistant, model, args)
     finally:

@@ -146,6 +146,7 @@ CLIENT_KEYS: dict[str, Key] = {
     "max_retries": Key(int, non_negative),
     "rpm": Key(int, non_negative),
     "tpm": Key(int, non_negative),
+    "rate_limit_wait": Key(float, positive),
 }
 
 
@@ -169,6 +170,7 @@ RAFT_SCHEMA: dict[str, Key] = {
     "output_type": Key(str, one_of("jsonl", "parquet")),
     "output_chat_system_prompt": Key(str),
     "cache_path": Key(str),
+    "window_chunks": Key(int, positive),
     "question_prompt": Key(list, chat_messages("context", "num_questions")),
     "answer_prompt": Key(list, chat_messages("context", "question")),
     "answer_retry_prompt": Key(str),

@@ -11,9 +11,11 @@ completion and chat put the instruction (documents + question) in the prompt: th
 documents it is meant to reason over (the reference formatters used the bare question).
 """
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
+from typing import Iterable, Iterator
 
 FORMATS = ("hf", "completion", "chat")
 TYPES = ("jsonl", "parquet")
@@ -37,19 +39,62 @@ def output_file(path: str, output_type: str) -> Path:
     return path if path.suffix == f".{output_type}" else path.with_name(path.name + f".{output_type}")
 
 
-def write(records: list[dict], path: str, output_format: str = "hf", output_type: str = "jsonl",
+# The fields raft.py writes (design.md, section 2): their Arrow types, so that records can be written in batches
+# (a batch of refusal examples alone would leave quotes_verified without a type).
+RAFT_FIELDS = ("id", "type", "question", "context", "oracle_context", "cot_answer", "instruction", "source",
+               "oracle_present", "quotes_verified")
+BATCH = 1000        # records per Parquet or Arrow batch: memory stays flat, whatever the number of records
+
+
+def raft_features():
+    import datasets     # here, not at the top: the trainer reads JSONL through this module without it
+    text = datasets.Value("string")
+    return datasets.Features({
+        "id": text, "type": text, "question": text,
+        "context": {"title": datasets.Sequence(datasets.Sequence(text)),
+                    "sentences": datasets.Sequence(datasets.Sequence(text))},
+        "oracle_context": text, "cot_answer": text, "instruction": text, "source": text,
+        "oracle_present": datasets.Value("bool"), "quotes_verified": datasets.Value("bool")})
+
+
+def write(records: Iterable[dict], path: str, output_format: str = "hf", output_type: str = "jsonl",
           system_prompt: str = "") -> Path:
-    """Write converted records; JSONL is written line by line so the same records give the same bytes."""
+    """Write converted records, streaming (a list or any iterable; only Parquet output of records with other
+    fields than raft.py's is collected first). JSONL is written line by line, so the same records give the same
+    bytes."""
     target = output_file(path, output_type)
     target.parent.mkdir(parents=True, exist_ok=True)
-    rows = [to_format(r, output_format, system_prompt) for r in records]
+    rows = (to_format(r, output_format, system_prompt) for r in records)
     if output_type == "jsonl":
         with open(target, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     else:
-        import datasets     # here, not at the top: the trainer reads JSONL through this module without it
-        datasets.Dataset.from_list(rows).to_parquet(str(target))
+        _write_parquet(rows, target, output_format)
     return target
+
+
+def _write_parquet(rows: Iterator[dict], target: Path, output_format: str):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    first = list(itertools.islice(rows, BATCH))
+    if output_format == "hf" and first and all(tuple(r) == RAFT_FIELDS for r in first):
+        schema = raft_features().arrow_schema
+    else:
+        first += list(rows)             # other fields: their types are read off every record
+        schema = pa.Table.from_pylist(first).schema
+    with pq.ParquetWriter(target, schema) as writer:
+        batch = first
+        while batch:
+            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+            batch = list(itertools.islice(rows, BATCH))
+
+
+def iter_jsonl(path: str) -> Iterator[dict]:
+    """The records of a JSONL file one at a time (for Dataset.from_generator)."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
 
 
 def read(path: str, input_type: str = "jsonl") -> list[dict]:

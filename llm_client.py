@@ -2,23 +2,30 @@
 
 What it adds to a plain HTTP call, and why:
 - a bound on requests in flight, spread round-robin over one or more server replicas (-u given several times);
-- retries with exponential backoff and jitter on 429, 5xx, timeouts, connection errors and garbled bodies,
-  waiting as long as a Retry-After header asks;
+- retries with exponential backoff and jitter on 408, 429, 5xx, timeouts, connection errors, garbled bodies and
+  empty replies, waiting as long as a well-formed Retry-After header asks; a request that keeps getting 429
+  waits up to rate_limit_wait seconds in all before it is dropped;
 - fail-fast errors for what a retry cannot fix (a rejected API key, an unknown model, an unreachable server);
-- optional requests-per-minute and tokens-per-minute limits, for cloud plans;
-- an append-only on-disk cache keyed by a hash of (model, messages, parameters): a re-run, or a run resumed
-  after Ctrl-C or kill -9, sends only the requests that never completed;
+- optional requests-per-minute and tokens-per-minute limits, for cloud plans: every attempt, retries included,
+  takes its place in them;
+- an on-disk cache (SQLite, see ResponseCache) keyed by a hash of (model, messages, parameters, the model's
+  fingerprint): a re-run, or a run resumed after Ctrl-C or kill -9, sends only the requests that never completed;
+- requests by priority (complete(..., priority)): raft.py asks a chunk's answers before new chunks' questions;
 - streaming of one reply as it is written (stream()), for the chatbot.
 """
 import asyncio
 import collections
 import email.utils
 import hashlib
+import heapq
+import itertools
 import json
 import os
 import random
+import sqlite3
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Optional, Sequence
 from urllib.parse import urlsplit
 
@@ -67,43 +74,99 @@ def cache_key(model: str, messages: Sequence[dict], params: dict, fingerprint: s
 
 
 class ResponseCache:
-    """One JSON line per finished request. Each record is written with a single append, so a killed run
-    leaves at worst one torn last line, which is skipped on the next load."""
+    """Finished replies in an SQLite file (WAL mode), one row per request key, so that neither a run's memory nor
+    the time to open a cache grows with it (a million replies open in milliseconds; a lookup is one indexed read).
+    Each reply is committed as it arrives: a run killed with kill -9 loses only the requests in flight.
+
+    A path ending in .jsonl names an earlier version's append-only JSON-lines cache: the database is the same
+    path with .sqlite, and the JSON lines are imported into it on first use (a torn last line is skipped)."""
 
     def __init__(self, path: str):
-        self.path = path
-        self.entries: dict[str, dict] = {}
+        given = Path(path)
+        self.path = given.with_suffix(".sqlite") if given.suffix == ".jsonl" else given
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.torn_lines = 0
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                        self.entries[record["key"]] = record
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        self.torn_lines += 1
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        # A torn last line has no newline: start the next record on a line of its own.
-        if os.path.getsize(path) and not self._ends_with_newline():
-            os.write(self._fd, b"\n")
+        # isolation_level=None: autocommit, every put is its own transaction. synchronous=NORMAL in WAL mode keeps
+        # committed rows through a process crash (not through a power cut, which would cost a few replies).
+        self.db = sqlite3.connect(self.path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, text TEXT NOT NULL, "
+                        "prompt_tokens INTEGER, completion_tokens INTEGER, truncated INTEGER)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS imported (file TEXT PRIMARY KEY)")
+        legacy = given.with_suffix(".jsonl")
+        if legacy.exists():
+            self._import(legacy)
 
-    def _ends_with_newline(self) -> bool:
-        with open(self.path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            return f.read(1) == b"\n"
+    def _import(self, legacy: Path):
+        if self.db.execute("SELECT 1 FROM imported WHERE file = ?", (str(legacy.resolve()),)).fetchone():
+            return
+        rows = []
+        with open(legacy, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                    rows.append((r["key"], r["text"], r["prompt_tokens"], r["completion_tokens"],
+                                 int(bool(r.get("truncated")))))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    self.torn_lines += 1
+        with self.db:      # one transaction: all of the file or nothing
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT OR IGNORE INTO replies VALUES (?, ?, ?, ?, ?)", rows)
+            self.db.execute("INSERT INTO imported VALUES (?)", (str(legacy.resolve()),))
 
     def get(self, key: str) -> Optional[dict]:
-        return self.entries.get(key)
+        row = self.db.execute("SELECT text, prompt_tokens, completion_tokens, truncated FROM replies WHERE key = ?",
+                              (key,)).fetchone()
+        if row is None:
+            return None
+        return {"key": key, "text": row[0], "prompt_tokens": row[1], "completion_tokens": row[2],
+                "truncated": bool(row[3])}
 
     def put(self, key: str, text: str, prompt_tokens: int, completion_tokens: int, truncated: bool = False):
-        record = {"key": key, "text": text, "prompt_tokens": prompt_tokens,
-                  "completion_tokens": completion_tokens, "truncated": truncated}
-        os.write(self._fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-        self.entries[key] = record
+        self.db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?)",
+                        (key, text, prompt_tokens, completion_tokens, int(truncated)))
+
+    def keys(self) -> set[str]:
+        return {row[0] for row in self.db.execute("SELECT key FROM replies")}
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
 
     def close(self):
-        os.close(self._fd)
+        self.db.close()
+
+
+class PriorityGate:
+    """At most `slots` holders at once; a waiter with a lower priority number goes first, then first come, first
+    served. raft.py gives a chunk's answers priority over further chunks' questions, so the answers of the first
+    chunks are asked while later chunks' questions are still coming back (no barrier between the stages)."""
+
+    def __init__(self, slots: int):
+        self.free = slots
+        self.waiting: list = []          # heap of (priority, arrival, future)
+        self.arrivals = itertools.count()
+
+    async def acquire(self, priority: int = 0):
+        if self.free and not self.waiting:
+            self.free -= 1
+            return
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self.waiting, (priority, next(self.arrivals), future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release()           # it was handed the slot just as it was cancelled: pass it on
+            raise
+
+    def release(self):
+        while self.waiting:
+            _, _, future = heapq.heappop(self.waiting)
+            if not future.done():
+                future.set_result(None)      # the slot goes straight to this waiter
+                return
+        self.free += 1
 
 
 class RateLimiter:
@@ -141,14 +204,20 @@ class RateLimiter:
 
 
 def retry_after_seconds(headers) -> Optional[float]:
-    value = headers.get("retry-after")
+    """The wait a Retry-After header asks for (seconds or an HTTP date); None when absent or malformed, in which
+    case the client's own backoff applies."""
+    value = (headers.get("retry-after") or "").strip()
     if not value:
         return None
     try:
         return max(0.0, float(value))
     except ValueError:
+        pass
+    try:
         when = email.utils.parsedate_to_datetime(value)   # the HTTP-date form
-        return max(0.0, when.timestamp() - time.time()) if when else None
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 class _Failed(Exception):
@@ -160,9 +229,10 @@ class _Failed(Exception):
 
 class _Retry(_Failed):
     """A failure worth retrying, after `wait` seconds if the server said how long."""
-    def __init__(self, reason: str, wait: Optional[float] = None):
+    def __init__(self, reason: str, wait: Optional[float] = None, rate_limited: bool = False):
         super().__init__(reason)
         self.wait = wait
+        self.rate_limited = rate_limited      # a 429: retried within rate_limit_wait, not max_retries
 
 
 @dataclass
@@ -175,6 +245,7 @@ class ChatClient:
     max_retries: int = 6
     rpm: int = 0
     tpm: int = 0
+    rate_limit_wait: float = 600.0  # seconds one request may spend waiting out 429s before it is dropped
     cache_path: Optional[str] = None
     fingerprint: str = ""           # mixed into the cache keys: see cache_key
     backoff_base: float = 1.0       # first retry waits about this long, then doubling ...
@@ -189,6 +260,7 @@ class ChatClient:
         self._next_url = 0
         self._served: dict[str, dict[str, dict]] = {}     # url -> model id -> its /models entry (preflight)
         self._limiter = RateLimiter(self.rpm, self.tpm)
+        self._gate = PriorityGate(self.max_in_flight)
         # One event loop and one HTTP session for the client's life: connections opened by one stage
         # (questions) are reused by the next (answers, retries) instead of being opened again.
         self._loop = asyncio.new_event_loop()
@@ -201,7 +273,26 @@ class ChatClient:
 
     def complete_all(self, requests: Sequence[tuple[list, dict]], desc: str) -> list[ChatResult]:
         """Answer (messages, params) requests concurrently; results come back in request order."""
-        return self._loop.run_until_complete(self._complete_all(self._session(), requests, desc))
+        return self._loop.run_until_complete(self._complete_all(requests, desc))
+
+    def run(self, coroutine):
+        """Run a coroutine that awaits complete() on the client's event loop (raft.py's pipeline)."""
+        return self._loop.run_until_complete(coroutine)
+
+    async def complete(self, messages: list, params: dict, priority: int = 0) -> ChatResult:
+        """One request, from the cache or through a free slot (of max_in_flight; a lower priority number is
+        served first). A failure after the retries comes back as a ChatResult without text."""
+        key = cache_key(self.model, messages, params, self.fingerprint) if self.cache is not None else None
+        hit = self.cache.get(key) if self.cache is not None else None
+        if hit:
+            self.usage.cached += 1
+            return ChatResult(hit["text"], hit["prompt_tokens"], hit["completion_tokens"], cached=True,
+                              truncated=hit["truncated"])
+        await self._gate.acquire(priority)
+        try:
+            return await self._complete_one(self._session_now(), key, messages, params)
+        finally:
+            self._gate.release()
 
     def stream(self, messages: list, params: dict) -> Iterator[str]:
         """One reply, piece by piece as the server writes it (stream=true). A single try, not cached: a person is
@@ -235,20 +326,25 @@ class ChatClient:
                 await self._http.close()
         self._loop.run_until_complete(shut_down())
         self._loop.close()
-        if self.cache:
+        if self.cache is not None:
             self.cache.close()
 
     # ---- internals ------------------------------------------------------------------------------
     def _session(self) -> aiohttp.ClientSession:
+        """The client's HTTP session, for a caller outside the event loop."""
+        async def inside():
+            return self._session_now()
+        return self._http or self._loop.run_until_complete(inside())
+
+    def _session_now(self) -> aiohttp.ClientSession:
+        """The client's HTTP session, opened on first use (inside the running loop)."""
         # aiohttp rather than httpx: measured here, httpx spent ~7 ms of CPU per request, aiohttp ~0.3 ms,
         # which decides whether 64 requests in flight reach the server's limit (bench/generation.py).
-        async def open_session():
-            return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.max_in_flight),
-                                         cookie_jar=aiohttp.DummyCookieJar(),   # an API needs no cookies
-                                         headers={"Authorization": f"Bearer {self.api_key}"},
-                                         timeout=aiohttp.ClientTimeout(total=self.timeout))
         if self._http is None:
-            self._http = self._loop.run_until_complete(open_session())
+            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.max_in_flight),
+                                               cookie_jar=aiohttp.DummyCookieJar(),   # an API needs no cookies
+                                               headers={"Authorization": f"Bearer {self.api_key}"},
+                                               timeout=aiohttp.ClientTimeout(total=self.timeout))
         return self._http
 
     def _pick_url(self) -> str:
@@ -320,61 +416,67 @@ class ChatClient:
         return (text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
                 choice.get("finish_reason") == "length")
 
-    async def _complete_all(self, http, requests, desc) -> list[ChatResult]:
-        """max_in_flight workers share one iterator over the requests: each takes the next one when free."""
-        results: list[Optional[ChatResult]] = [None] * len(requests)
-        todo = iter(enumerate(requests))
+    async def _complete_all(self, requests, desc) -> list[ChatResult]:
+        """Every request at once through complete(): max_in_flight of them are sent at a time, in order."""
         with tqdm(total=len(requests), desc=desc, unit="req", dynamic_ncols=True) as bar:
-            async def worker():
-                for index, (messages, params) in todo:
-                    results[index] = await self._complete_one(http, messages, params)
-                    if bar.update(1):   # True when redrawn: only then is the token count worth formatting
-                        bar.set_postfix(tokens=self.usage.prompt_tokens + self.usage.completion_tokens, refresh=False)
-            await asyncio.gather(*(worker() for _ in range(min(self.max_in_flight, len(requests)))))
-        return results
+            async def one(messages, params):
+                result = await self.complete(messages, params)
+                if bar.update(1):   # True when redrawn: only then is the token count worth formatting
+                    bar.set_postfix(tokens=self.usage.prompt_tokens + self.usage.completion_tokens, refresh=False)
+                return result
+            return list(await asyncio.gather(*(one(messages, params) for messages, params in requests)))
 
-    async def _complete_one(self, http, messages, params) -> ChatResult:
-        key = cache_key(self.model, messages, params, self.fingerprint) if self.cache else None
-        hit = self.cache.get(key) if self.cache else None
-        if hit:
-            self.usage.cached += 1
-            return ChatResult(hit["text"], hit["prompt_tokens"], hit["completion_tokens"], cached=True,
-                              truncated=bool(hit.get("truncated")))
+    async def _complete_one(self, http, key, messages, params) -> ChatResult:
         body = {"model": self.model, "messages": list(messages), **params}
-        entry = await self._limiter.acquire(lambda: len(json.dumps(messages)) // 4 + int(params.get("max_tokens", 0)))
+        estimate = len(json.dumps(messages)) // 4 + int(params.get("max_tokens", 0))
         try:
             text, prompt_tokens, completion_tokens, truncated = await self._send_with_retries(
-                http, "POST", None, "/chat/completions", body, self._parse_chat)
+                http, "POST", None, "/chat/completions", body, self._parse_chat, estimate=estimate)
         except _Failed as failure:
             self.usage.failed += 1
             return ChatResult(None, error=failure.reason)
-        RateLimiter.settle(entry, prompt_tokens + completion_tokens)
         self.usage.sent += 1
         self.usage.prompt_tokens += prompt_tokens
         self.usage.completion_tokens += completion_tokens
         if truncated:
             self.usage.truncated += 1
-        if self.cache:
+        if self.cache is not None:
             self.cache.put(key, text, prompt_tokens, completion_tokens, truncated)
         return ChatResult(text, prompt_tokens, completion_tokens, truncated=truncated)
 
-    async def _send_with_retries(self, http, method, url, path, body, parse, retries=None):
+    async def _send_with_retries(self, http, method, url, path, body, parse, retries=None,
+                                 estimate: Optional[int] = None):
         """One request with retries. Raises LLMFatalError for what retrying cannot fix, and _Failed when this
-        request alone fails: at once for a 4xx, or once the retries are spent."""
+        request alone fails: at once for a 4xx, once the retries are spent, or once its 429s have lasted
+        rate_limit_wait seconds. With `estimate` (its tokens), every attempt first takes its place in the rpm/tpm
+        windows: a provider counts retries too."""
         retries = self.max_retries if retries is None else retries
-        for attempt in range(retries + 1):
+        attempt, rate_limited_for = 0, 0.0
+        while True:
             target = url or self._pick_url()
+            entry = await self._limiter.acquire(lambda: estimate) if estimate is not None else None
             try:
-                return await self._send_once(http, method, target, path, body, parse)
+                parsed = await self._send_once(http, method, target, path, body, parse)
+                if entry is not None:       # a chat reply: (text, prompt tokens, completion tokens, truncated)
+                    RateLimiter.settle(entry, parsed[1] + parsed[2])
+                return parsed
             except _Retry as failure:
-                if attempt == retries:
-                    if failure.reason.startswith("connection error"):
-                        raise LLMFatalError(f"cannot reach {public_host(target)} ({failure.reason}) after "
-                                            f"{attempt + 1} tries: start the server or fix -u") from None
-                    raise
-                self.usage.retries += 1
                 backoff = min(self.backoff_max, self.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.0)
-                await asyncio.sleep(failure.wait if failure.wait is not None else backoff)
+                wait = failure.wait if failure.wait is not None else backoff
+                if failure.rate_limited:
+                    if rate_limited_for + wait > self.rate_limit_wait:
+                        raise _Failed(f"HTTP 429 for {rate_limited_for:.0f} s, rate_limit_wait "
+                                      f"{self.rate_limit_wait:g} s") from None
+                    rate_limited_for += wait
+                else:
+                    if attempt == retries:
+                        if failure.reason.startswith("connection error"):
+                            raise LLMFatalError(f"cannot reach {public_host(target)} ({failure.reason}) after "
+                                                f"{attempt + 1} tries: start the server or fix -u") from None
+                        raise
+                    attempt += 1
+                self.usage.retries += 1
+                await asyncio.sleep(wait)
 
     async def _send_once(self, http, method, url, path, body, parse):
         try:
@@ -399,9 +501,12 @@ class ChatClient:
             raise LLMFatalError(f"{public_host(url)} does not know model '{self.model}' (HTTP 404): "
                                 "check -m against the server's /v1/models list")
         if status == 404:
+            gateway = " (or, for a gateway that lists no models, pass --no_preflight and -m)" if path == "/models" else ""
             raise LLMFatalError(f"{public_host(url)}{urlsplit(url).path}{path} answered HTTP 404: "
-                                "-u must be the API base URL, usually ending in /v1")
-        if status == 429 or status >= 500:
+                                f"-u must be the API base URL, usually ending in /v1{gateway}")
+        if status == 429:
+            raise _Retry("HTTP 429", retry_after_seconds(headers), rate_limited=True)
+        if status == 408 or status >= 500:           # 408: the server timed out waiting: worth another try
             raise _Retry(f"HTTP {status}", retry_after_seconds(headers))
         if status >= 400:
             # 400 and friends: this request is wrong (e.g. longer than the context); retrying won't help.
@@ -434,3 +539,37 @@ class ChatClient:
             raise LLMFatalError(f"{public_host(url)} did not finish the reply within {self.timeout:g} s") from None
         except aiohttp.ClientError as e:
             raise LLMFatalError(f"cannot reach {public_host(url)} ({type(e).__name__}): is the server running?") from None
+
+
+# ---- the client settings, written once for raft.py, raft_eval.py and chat.py ------------------------------------
+def add_client_flags(parser):
+    """The flags of the client keys (config.CLIENT_KEYS, same names), the API key and --no_preflight."""
+    parser.add_argument("-k", "--api_key", default="EMPTY", help="API key; the API_KEY environment variable wins over it")
+    parser.add_argument("--max_in_flight", type=int, help="requests in flight at once per server")
+    parser.add_argument("--rpm", type=int, help="requests per minute limit (your API plan's)")
+    parser.add_argument("--tpm", type=int, help="tokens per minute limit (your API plan's)")
+    parser.add_argument("--timeout", type=float, dest="request_timeout", help="seconds per request")
+    parser.add_argument("--max_retries", type=int, help="retries of a failed request (429s excepted)")
+    parser.add_argument("--rate_limit_wait", type=float,
+                        help="seconds a request may wait out HTTP 429s in all before it is dropped (default 600)")
+    parser.add_argument("--no_preflight", action="store_true",
+                        help="do not ask /models first (gateways that do not list models): then -m is needed")
+
+
+def client_from_config(cfg: dict, args, urls: Sequence[str], model: str, cache_path: Optional[str],
+                       **overrides) -> ChatClient:
+    """A client with the config's client keys (flags already merged in) and the key from API_KEY or -k."""
+    settings = dict(urls=list(urls), api_key=os.environ.get("API_KEY") or args.api_key, model=model or "",
+                    max_in_flight=cfg["max_in_flight"], timeout=cfg["request_timeout"],
+                    max_retries=cfg["max_retries"], rpm=cfg["rpm"], tpm=cfg["tpm"],
+                    rate_limit_wait=cfg["rate_limit_wait"], cache_path=cache_path)
+    return ChatClient(**{**settings, **overrides})
+
+
+def connect(client: ChatClient, args) -> str:
+    """The model name to use: checked against /models (preflight), or, with --no_preflight, the one given."""
+    if not getattr(args, "no_preflight", False):
+        return client.preflight()
+    if not client.model:
+        raise LLMFatalError("--no_preflight needs the model name: pass it with -m")
+    return client.model

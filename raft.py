@@ -10,19 +10,22 @@ Every teacher reply is cached: run the same command again after a crash or Ctrl-
 Settings live in raft.yaml (-c); the flags below override them.
 """
 import argparse
+import asyncio
 import collections
+import hashlib
 import json
-import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
-import datasets
+from tqdm import tqdm
 
 import format as formats
 from config import RAFT_SCHEMA, TOOLKIT_VERSION, ConfigError, fill_prompt, load_config_with_flags
-from llm_client import ChatClient, ChatResult, LLMFatalError, public_host
-from raft_utils import (QA, AssemblySettings, InputError, assemble, chunks_needed, final_answer, load_chunks,
+from llm_client import ChatResult, LLMFatalError, add_client_flags, client_from_config, connect, public_host
+from raft_utils import (QA, Assembler, AssemblySettings, InputError, chunks_needed, final_answer, load_chunks,
                         normalise, parse_questions, quotes_verified)
 
 DEFAULT_URL = "http://localhost:8001/v1"
@@ -32,7 +35,6 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--config", default="raft.yaml", help="settings file (default raft.yaml)")
     p.add_argument("-u", "--url", action="append", help=f"teacher API base URL; repeat for replicas (default {DEFAULT_URL})")
-    p.add_argument("-k", "--api_key", default="EMPTY", help="API key; the API_KEY environment variable wins over it")
     p.add_argument("-m", "--model", help="teacher model name (default: the only model the server lists)")
     p.add_argument("-t", "--questions_per_chunk", type=int, help="questions per chunk")
     p.add_argument("-o", "--output", help="output folder")
@@ -42,107 +44,135 @@ def parse_args(argv):
     p.add_argument("--insecure", action="store_const", const=False, dest="verify_ssl",
                    help="do not verify TLS certificates of sitemap pages")
     p.add_argument("--seed", type=int)
-    p.add_argument("--max_in_flight", type=int, help="requests in flight at once (default 32)")
-    p.add_argument("--rpm", type=int, help="requests per minute limit")
-    p.add_argument("--tpm", type=int, help="tokens per minute limit")
-    p.add_argument("--timeout", type=float, dest="request_timeout", help="seconds per request")
-    p.add_argument("--max_retries", type=int)
+    add_client_flags(p)
     p.add_argument("--output_format", choices=formats.FORMATS)
     p.add_argument("--output_type", choices=formats.TYPES)
-    p.add_argument("--cache_path", help="cache file (default <output>/llm_cache.jsonl)")
+    p.add_argument("--cache_path", help="reply cache (default <output>/llm_cache.sqlite; an older llm_cache.jsonl "
+                                        "is imported)")
     p.add_argument("--max_chunks", type=int,
                    help="ask about the first N chunks only (a quick trial); distractors come from all chunks")
+    p.add_argument("--window_chunks", type=int, help="chunks finished and written at a time (default 2000)")
     return p.parse_args(argv)
 
 
 TRUNCATED = "truncated: cut at max_tokens, also with twice the budget"
+QUESTION_PRIORITY, ANSWER_PRIORITY = 1, 0      # answers first: a chunk in progress finishes before new ones start
 
 
-def complete_whole(client, requests, desc, stats) -> list[ChatResult]:
-    """Replies that were not cut at max_tokens. A cut one (finish_reason "length") is asked once more with twice
-    the budget, then dropped: a cut chain of thought may lack its <ANSWER>: line or end mid-sentence."""
-    results = client.complete_all(requests, desc)
-    cut = [k for k, result in enumerate(results) if result.text is not None and result.truncated]
-    if cut:
-        again = [(requests[k][0], {**requests[k][1], "max_tokens": 2 * requests[k][1]["max_tokens"]}) for k in cut]
-        for k, result in zip(cut, client.complete_all(again, f"{desc} cut at max_tokens, again with twice the budget")):
-            results[k] = ChatResult(None, error=TRUNCATED) if result.truncated else result
-        stats["replies cut at max_tokens"] = stats.get("replies cut at max_tokens", 0) + len(cut)
-    return results
+class Pipeline:
+    """The teacher's work on windows of chunks, pipelined: a chunk's answers are asked as soon as its questions
+    come back, and have priority over further chunks' questions, so the server is never left waiting for a stage
+    to finish. Chunks claim their questions in chunk order (no question twice in the run, the first chunk to ask
+    it keeps it), so the output does not depend on which replies come back first, nor on the window size."""
+
+    def __init__(self, client, cfg, chunks, stats):
+        self.client, self.cfg, self.chunks, self.stats = client, cfg, chunks, stats
+        self.question_params = {"temperature": cfg["temperature"], "max_tokens": cfg["question_max_tokens"]}
+        self.answer_params = {"temperature": cfg["temperature"], "max_tokens": cfg["answer_max_tokens"]}
+        # A small teacher sometimes repeats the worked example's questions: those are not about the chunk.
+        self.example = normalise(" ".join(m["content"] for m in cfg["question_prompt"]))
+        self.seen: set[bytes] = set()      # digests of the questions kept so far: 16 bytes each, not the text
+
+    async def window(self, indices: range, progress) -> list[QA]:
+        """QAs of the chunks `indices`, in chunk order, then question order."""
+        claimed_before = asyncio.get_running_loop().create_future()
+        claimed_before.set_result(None)
+        tasks = []
+        for index in indices:
+            claimed = asyncio.get_running_loop().create_future()
+            tasks.append(asyncio.ensure_future(self.chunk(index, claimed_before, claimed, progress)))
+            claimed_before = claimed
+        return [qa for qas in await asyncio.gather(*tasks) for qa in qas]
+
+    async def chunk(self, index: int, claimed_before, claimed, progress) -> list[QA]:
+        try:
+            messages = fill_prompt(self.cfg["question_prompt"], context=self.chunks[index].text,
+                                   num_questions=self.cfg["questions_per_chunk"])
+            result = await self.whole(messages, self.question_params, QUESTION_PRIORITY)
+            await claimed_before           # every earlier chunk has claimed its questions
+            kept = self.claim(result)
+        finally:
+            if not claimed.done():
+                claimed.set_result(None)
+        qas = await asyncio.gather(*(self.answer(index, question) for question in kept))
+        progress.update(1)
+        return [qa for qa in qas if qa is not None]
+
+    def claim(self, result) -> list[str]:
+        """At most questions_per_chunk questions of a reply that no earlier chunk asked."""
+        if result.text is None:
+            self.stats["dropped"][drop_reason("question", result)] += 1
+            return []
+        kept = []
+        for question in parse_questions(result.text):
+            if len(kept) == self.cfg["questions_per_chunk"]:
+                break
+            key = normalise(question)
+            digest = hashlib.blake2b(key.encode("utf-8"), digest_size=16).digest()
+            if key in self.example:
+                self.stats["dropped"]["question copied from the prompt's example"] += 1
+            elif digest in self.seen:
+                self.stats["dropped"]["duplicate question"] += 1
+            else:
+                self.seen.add(digest)
+                kept.append(question)
+        if not kept:
+            self.stats["dropped"]["chunk without a usable question"] += 1
+        self.stats["questions"] += len(kept)
+        return kept
+
+    async def answer(self, index: int, question: str) -> Optional[QA]:
+        """A chain-of-thought answer; asked once more when it lacks '<ANSWER>:'."""
+        messages = fill_prompt(self.cfg["answer_prompt"], context=self.chunks[index].text, question=question)
+        result = await self.whole(messages, self.answer_params, ANSWER_PRIORITY)
+        if result.text is not None and final_answer(result.text) is None:
+            self.stats["answers retried"] += 1
+            messages = messages + [{"role": "assistant", "content": result.text},
+                                   {"role": "user", "content": self.cfg["answer_retry_prompt"]}]
+            result = await self.whole(messages, self.answer_params, ANSWER_PRIORITY)
+        if result.text is None:
+            self.stats["dropped"][drop_reason("answer", result)] += 1
+            return None
+        if final_answer(result.text) is None:
+            self.stats["dropped"]["answer without <ANSWER>: after a retry"] += 1
+            return None
+        verified = quotes_verified(result.text, self.chunks[index].text)
+        if not verified and self.cfg["quote_check"] == "drop":
+            self.stats["dropped"]["quotes not found in the oracle chunk"] += 1
+            return None
+        self.stats["answers"] += 1
+        self.stats["unverified quotes"] += not verified
+        return QA(index, question, result.text, verified)
+
+    async def whole(self, messages, params, priority) -> ChatResult:
+        """A reply that was not cut at max_tokens. A cut one (finish_reason "length") is asked once more with twice
+        the budget, then dropped: a cut chain of thought may lack its <ANSWER>: line or end mid-sentence."""
+        result = await self.client.complete(messages, params, priority)
+        if result.text is None or not result.truncated:
+            return result
+        self.stats["replies cut at max_tokens"] += 1
+        again = await self.client.complete(messages, {**params, "max_tokens": 2 * params["max_tokens"]}, priority)
+        return ChatResult(None, error=TRUNCATED) if again.truncated else again
 
 
 def drop_reason(stage: str, result: ChatResult) -> str:
     return TRUNCATED if result.error == TRUNCATED else f"{stage} request failed ({result.error})"
 
 
-def ask_questions(client, cfg, chunks, stats) -> list[tuple[int, str]]:
-    """(chunk index, question) pairs: at most questions_per_chunk per chunk, no question twice in the run."""
-    params = {"temperature": cfg["temperature"], "max_tokens": cfg["question_max_tokens"]}
-    requests = [(fill_prompt(cfg["question_prompt"], context=c.text, num_questions=cfg["questions_per_chunk"]), params)
-                for c in chunks]
-    # A small teacher sometimes repeats the worked example's questions: those are not about the chunk.
-    example = normalise(" ".join(m["content"] for m in cfg["question_prompt"]))
-    pairs, seen = [], set()
-    for index, result in enumerate(complete_whole(client, requests, "questions", stats)):
-        if result.text is None:
-            stats["dropped"][drop_reason("question", result)] += 1
-            continue
-        kept = 0
-        for question in parse_questions(result.text):
-            if kept == cfg["questions_per_chunk"]:
-                break
-            key = normalise(question)
-            if key in example:
-                stats["dropped"]["question copied from the prompt's example"] += 1
-                continue
-            if key in seen:
-                stats["dropped"]["duplicate question"] += 1
-                continue
-            seen.add(key)
-            pairs.append((index, question))
-            kept += 1
-        if not kept:
-            stats["dropped"]["chunk without a usable question"] += 1
-    stats["questions"] = len(pairs)
-    return pairs
-
-
-def answer_questions(client, cfg, chunks, pairs, stats) -> list[QA]:
-    """A chain-of-thought answer per question; one retry for an answer without '<ANSWER>:'."""
-    params = {"temperature": cfg["temperature"], "max_tokens": cfg["answer_max_tokens"]}
-    requests = [(fill_prompt(cfg["answer_prompt"], context=chunks[i].text, question=q), params) for i, q in pairs]
-    results = complete_whole(client, requests, "answers", stats)
-    unfinished = [k for k, r in enumerate(results) if r.text is not None and final_answer(r.text) is None]
-    if unfinished:
-        retries = [(requests[k][0] + [{"role": "assistant", "content": results[k].text},
-                                      {"role": "user", "content": cfg["answer_retry_prompt"]}], params)
-                   for k in unfinished]
-        for k, result in zip(unfinished, complete_whole(client, retries, "answer retries", stats)):
-            results[k] = result
-        stats["answers retried"] = len(unfinished)
-    qas = []
-    for (index, question), result in zip(pairs, results):
-        if result.text is None:
-            stats["dropped"][drop_reason("answer", result)] += 1
-        elif final_answer(result.text) is None:
-            stats["dropped"]["answer without <ANSWER>: after a retry"] += 1
-        else:
-            verified = quotes_verified(result.text, chunks[index].text)
-            if not verified and cfg["quote_check"] == "drop":
-                stats["dropped"]["quotes not found in the oracle chunk"] += 1
-                continue
-            qas.append(QA(index, question, result.text, verified))
-    stats["answers"] = len(qas)
-    stats["unverified quotes"] = sum(not qa.quotes_verified for qa in qas)
-    return qas
-
-
-def write_outputs(records, cfg, client, stats) -> Path:
+def write_outputs(stream: Path, cfg, client, stats) -> Path:
+    """The outputs, from the records streamed to `stream`: the Hugging Face dataset (save_to_disk), the converted
+    file and raft_run.json (the settings and counts). Arrow and Parquet are written in batches, so memory does not
+    grow with the number of records."""
+    import datasets     # slow to import: only when there is something to write
     output = Path(cfg["output"])
-    output.mkdir(parents=True, exist_ok=True)
-    datasets.Dataset.from_list(records).save_to_disk(str(output))
-    target = formats.write(records, str(output / "raft"), cfg["output_format"], cfg["output_type"],
-                           cfg["output_chat_system_prompt"])
+    with tempfile.TemporaryDirectory() as arrow_cache:      # a cache of its own: never an earlier run's records
+        dataset = datasets.Dataset.from_generator(formats.iter_jsonl, gen_kwargs={"path": str(stream)},
+                                                  features=formats.raft_features(), cache_dir=arrow_cache)
+        dataset.save_to_disk(str(output))
+        del dataset
+    target = formats.write(formats.iter_jsonl(str(stream)), str(output / "raft"), cfg["output_format"],
+                           cfg["output_type"], cfg["output_chat_system_prompt"])
+    stream.unlink()
     run_settings = {
         "tool": "raft-toolkit", "version": TOOLKIT_VERSION, "teacher_model": client.model,
         "endpoints": [public_host(u) for u in client.urls], "seed": cfg["seed"], "config": cfg,
@@ -173,10 +203,30 @@ def print_summary(stats, client, target, skipped, seconds):
     print("\n".join(lines))
 
 
+def generate(client, cfg, chunks, asked, assembly, stream: Path, stats):
+    """Window after window: the teacher's questions and answers for the window's chunks, then its records,
+    appended to `stream`. Memory is bounded by the window (window_chunks), not by the corpus; any window size
+    gives the same records."""
+    pipeline = Pipeline(client, cfg, chunks, stats)
+    assembler = Assembler(chunks, assembly, cfg["seed"])
+    size = cfg["window_chunks"]
+    with open(stream, "w", encoding="utf-8") as out, \
+            tqdm(total=len(asked), desc="chunks", unit="chunk", dynamic_ncols=True) as progress:
+        for start in range(0, len(asked), size):
+            qas = client.run(pipeline.window(range(start, min(start + size, len(asked))), progress))
+            for record in assembler.records(qas):
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                stats["examples"] += 1
+                stats["oracle-free"] += not record["oracle_present"] and record["id"].startswith("seed")
+                stats["refusal"] += record["id"].startswith("refusal")
+            out.flush()
+
+
 def run(args) -> int:
     started = time.time()
     cfg = load_config_with_flags(args.config, RAFT_SCHEMA, args)
-    stats = {"dropped": collections.Counter()}
+    stats = collections.Counter()
+    stats["dropped"] = collections.Counter()
 
     loaded, chunks, stats["chunks dropped"] = load_chunks(cfg["data_dir"], cfg["xml_path"], cfg["verify_ssl"],
                                                           cfg["chunk_size"])
@@ -190,16 +240,16 @@ def run(args) -> int:
                          "chunks (oracle + num_distract_docs + 1 spare): add documents, lower --chunk_size "
                          "or lower num_distract_docs")
 
-    client = ChatClient(urls=args.url or [DEFAULT_URL], api_key=os.environ.get("API_KEY") or args.api_key,
-                        model=cfg["model"], max_in_flight=cfg["max_in_flight"], timeout=cfg["request_timeout"],
-                        max_retries=cfg["max_retries"], rpm=cfg["rpm"], tpm=cfg["tpm"],
-                        cache_path=cfg["cache_path"] or str(Path(cfg["output"]) / "llm_cache.jsonl"))
+    output = Path(cfg["output"])
+    output.mkdir(parents=True, exist_ok=True)
+    client = client_from_config(cfg, args, args.url or [DEFAULT_URL], cfg["model"],
+                                cfg["cache_path"] or str(output / "llm_cache.sqlite"))
+    stream = output / "raft_records.partial.jsonl"
     try:
-        client.preflight()
+        connect(client, args)
         print(f"teacher {client.model} at {', '.join(public_host(u) for u in client.urls)}; "
               f"questions on {len(asked)} of {len(chunks)} chunks from {len(loaded.documents)} documents", flush=True)
-        pairs = ask_questions(client, cfg, asked, stats)
-        qas = answer_questions(client, cfg, chunks, pairs, stats)
+        generate(client, cfg, chunks, asked, assembly, stream, stats)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished replies are kept in {client.cache.path}; "
               "run the same command again to resume", file=sys.stderr)
@@ -207,15 +257,12 @@ def run(args) -> int:
     finally:
         client.close()
 
-    records = assemble(qas, chunks, assembly, cfg["seed"])
-    if not records:
+    if not stats["examples"]:
+        stream.unlink()
         dropped = ", ".join(f"{n} {why}" for why, n in stats["dropped"].items()) or "nothing parsed"
         raise InputError(f"the teacher produced no usable question/answer pair ({dropped}): "
                          f"check the model and the prompts in {args.config}")
-    stats.update(examples=len(records),
-                 **{"oracle-free": sum(not r["oracle_present"] and r["id"].startswith("seed") for r in records),
-                    "refusal": sum(r["id"].startswith("refusal") for r in records)})
-    target = write_outputs(records, cfg, client, stats)
+    target = write_outputs(stream, cfg, client, stats)
     print_summary(stats, client, target, loaded.skipped, time.time() - started)
     return 0
 

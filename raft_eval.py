@@ -23,7 +23,6 @@ are reused only while its server describes the same model (its /models entry, --
 import argparse
 import hashlib
 import json
-import os
 import random
 import re
 import sys
@@ -37,7 +36,7 @@ import metrics
 import report
 from config import (EVAL_SCHEMA, RAFT_SCHEMA, TOOLKIT_VERSION, ConfigError, fill_prompt, load_config,
                     load_config_with_flags)
-from llm_client import ChatClient, LLMFatalError, public_host
+from llm_client import ChatClient, LLMFatalError, add_client_flags, client_from_config, connect, public_host
 from raft_utils import InputError, final_answer, instruction, load_chunks
 from retrieval import KINDS, build_retrievers
 
@@ -51,7 +50,6 @@ def parse_args(argv):
     p.add_argument("-c", "--config", default="raft_eval_config.yaml", help="settings file (default raft_eval_config.yaml)")
     p.add_argument("-m", "--model", help="served name of the model under test (default: the only model at -u)")
     p.add_argument("-u", "--url", default=DEFAULT_URL, help=f"its API base URL (default {DEFAULT_URL})")
-    p.add_argument("-k", "--api_key", default="EMPTY", help="API key; the API_KEY environment variable wins over it")
     p.add_argument("-j", "--judge_url", default=DEFAULT_JUDGE_URL, help=f"judge API base URL (default {DEFAULT_JUDGE_URL})")
     p.add_argument("--judge_model", help="judge model name (default: the only model at -j)")
     p.add_argument("--baseline", action="append", default=[], metavar="NAME=URL",
@@ -66,11 +64,7 @@ def parse_args(argv):
     p.add_argument("--max_tokens", type=int, dest="answer_max_tokens", help="longest answer, in tokens")
     p.add_argument("--insecure", action="store_const", const=False, dest="verify_ssl",
                    help="do not verify TLS certificates of sitemap pages")
-    p.add_argument("--max_in_flight", type=int, help="requests in flight at once per server")
-    p.add_argument("--rpm", type=int, help="requests per minute limit per server")
-    p.add_argument("--tpm", type=int, help="tokens per minute limit per server")
-    p.add_argument("--timeout", type=float, dest="request_timeout", help="seconds per request")
-    p.add_argument("--max_retries", type=int)
+    add_client_flags(p)
     p.add_argument("--draft_from", help="write a draft eval file from this RAFT dataset (JSONL or save_to_disk "
                                         "folder) and stop")
     p.add_argument("--draft_size", type=int, default=50, help="questions in the draft (default 50)")
@@ -184,15 +178,10 @@ def fingerprint(client: ChatClient, revision: str = "") -> tuple[str, dict]:
     return digest, described
 
 
-def make_client(cfg, args, url: str, model: str, cache: Path) -> ChatClient:
-    return ChatClient(urls=[url], api_key=os.environ.get("API_KEY") or args.api_key, model=model,
-                      max_in_flight=cfg["max_in_flight"], timeout=cfg["request_timeout"],
-                      max_retries=cfg["max_retries"], rpm=cfg["rpm"], tpm=cfg["tpm"], cache_path=str(cache))
-
-
 def cache_file(output: Path, name: str) -> Path:
-    """One reply cache per system, so two servers that serve the same model name never share answers."""
-    return output / "cache" / (re.sub(r"[^A-Za-z0-9._-]+", "_", name) + ".jsonl")
+    """One reply cache per system, so two servers that serve the same model name never share answers (a .jsonl
+    cache of an earlier version beside it is imported)."""
+    return output / "cache" / (re.sub(r"[^A-Za-z0-9._-]+", "_", name) + ".sqlite")
 
 
 def answer_requests(cfg, questions, chunks, rankings, topks) -> dict[str, list]:
@@ -263,13 +252,14 @@ def open_endpoints(cfg, args, baselines, output: Path) -> list[Endpoint]:
     """A checked client per system, then the judge's (last): an unreachable server or an unknown model is
     reported before any embedding or answering. Each system has its own reply cache."""
     wanted = [("model under test", args.model or "", args.url)] + [("baseline", n, u) for n, u in baselines]
-    endpoints = [Endpoint(role, url, make_client(cfg, args, url, model, cache_file(output, model or "model")))
+    endpoints = [Endpoint(role, url, client_from_config(cfg, args, [url], model, str(cache_file(output, model or "model"))))
                  for role, model, url in wanted]
     endpoints.append(Endpoint("judge", args.judge_url,
-                              make_client(cfg, args, args.judge_url, args.judge_model or "", output / "cache" / "judge.jsonl")))
+                              client_from_config(cfg, args, [args.judge_url], args.judge_model,
+                                                 str(cache_file(output, "judge")))))
     try:
         for endpoint in endpoints:
-            endpoint.name = endpoint.client.preflight()
+            endpoint.name = connect(endpoint.client, args)
             revision = args.model_revision if endpoint.role == "model under test" else ""
             endpoint.client.fingerprint, endpoint.described = fingerprint(endpoint.client, revision)
     except LLMFatalError as e:

@@ -3,6 +3,7 @@
 Shared by raft.py (generation), raft_eval.py and chat.py (the retriever must see the same chunks).
 Data flows one way through the four sections below: load, chunk, parse, assemble.
 """
+import asyncio
 import random
 import re
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import httpx
 from bs4 import BeautifulSoup
 from langchain_core.document_loaders import BaseLoader
 from langchain_core.documents import Document
-from langchain_community.document_loaders import PyPDFLoader, TextLoader
+from langchain_community.document_loaders.text import TextLoader
 from langchain_text_splitters import RecursiveCharacterTextSplitter
 
 
@@ -50,6 +51,8 @@ def _utf8_text_loader(path: str) -> BaseLoader:
 
 
 def _single_document_pdf_loader(path: str) -> BaseLoader:
+    # Imported here: the PDF loader's imports take 0.7 s, paid only by a corpus with PDFs in it.
+    from langchain_community.document_loaders.pdf import PyPDFLoader
     # One document per file, pages joined by a blank line, so that chunks may span a page break.
     return PyPDFLoader(path, mode="single", pages_delimiter="\n\n")
 
@@ -89,20 +92,50 @@ def sitemap_urls(xml_path: str) -> list[str]:
     return urls
 
 
+SITEMAP_CONCURRENCY = 8    # pages fetched at once: enough to hide a web server's latency, and polite to it
+SITEMAP_RETRIES = 3        # more tries of a page on 408, 429, 5xx, a timeout or a dropped connection
+
+
 def load_sitemap(xml_path: str, verify_ssl: bool, report: LoadReport, timeout: float = 30.0):
-    for url in sitemap_urls(xml_path):
-        if urlsplit(url).scheme not in ("http", "https"):
-            report.skipped.append((url, "not an http(s) URL"))
-            continue
-        try:
-            response = httpx.get(url, verify=verify_ssl, timeout=timeout, follow_redirects=True)
-        except httpx.HTTPError as e:
-            report.skipped.append((url, f"unreachable: {type(e).__name__}"))
-            continue
-        if response.status_code >= 400:
-            report.skipped.append((url, f"HTTP {response.status_code}"))
-            continue
-        _keep_if_text([Document(page_content=html_to_text(response.text), metadata={"source": url})], url, report)
+    """Every page of the sitemap, fetched concurrently (SITEMAP_CONCURRENCY at a time) and kept in sitemap order."""
+    urls = sitemap_urls(xml_path)
+    pages = asyncio.run(fetch_pages(urls, verify_ssl, timeout))
+    for url, (text, why) in zip(urls, pages):
+        if text is None:
+            report.skipped.append((url, why))
+        else:
+            _keep_if_text([Document(page_content=html_to_text(text), metadata={"source": url})], url, report)
+
+
+async def fetch_pages(urls: list[str], verify_ssl: bool, timeout: float, concurrency: int = SITEMAP_CONCURRENCY,
+                      retries: int = SITEMAP_RETRIES, backoff: float = 0.5) -> list[tuple[Optional[str], str]]:
+    """(page text or None, why not) per URL. Retried like the teacher's requests: on 408, 429, 5xx, timeouts and
+    connection errors, after the server's Retry-After when it sends a well-formed one, else after a doubling
+    backoff; any other HTTP error at once."""
+    from llm_client import retry_after_seconds
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(verify=verify_ssl, timeout=timeout, follow_redirects=True) as http:
+        async def fetch(url: str) -> tuple[Optional[str], str]:
+            if urlsplit(url).scheme not in ("http", "https"):
+                return None, "not an http(s) URL"
+            async with gate:
+                for attempt in range(retries + 1):
+                    wait = None
+                    try:
+                        response = await http.get(url)
+                    except httpx.HTTPError as e:
+                        why = f"unreachable: {type(e).__name__}"
+                    else:
+                        if response.status_code < 400:
+                            return response.text, ""
+                        why = f"HTTP {response.status_code}"
+                        if response.status_code not in (408, 429) and response.status_code < 500:
+                            return None, why
+                        wait = retry_after_seconds(response.headers)
+                    if attempt < retries:
+                        await asyncio.sleep(wait if wait is not None else backoff * 2 ** attempt)
+                return None, why
+        return list(await asyncio.gather(*(fetch(url) for url in urls)))
 
 
 def _keep_if_text(docs: list[Document], source: str, report: LoadReport):
@@ -283,24 +316,48 @@ def _record(row: int, prefix: str, question: str, docs: list[str], oracle: Chunk
     }
 
 
+class Assembler:
+    """RAFT records, in the order of the QAs it is given, window after window: one seeded generator and one row
+    counter for the whole run, so any split into windows gives the same records as a single window. Each
+    question costs O(num_distract_docs) draws, whatever the number of chunks."""
+
+    def __init__(self, chunks: list[Chunk], settings: AssemblySettings, seed: int):
+        self.chunks, self.s = chunks, settings
+        self.rng = random.Random(seed)
+        self.rows = 0
+
+    def _others(self, oracle: int, count: int) -> list[int]:
+        """`count` distinct chunk indices other than the oracle's (drawn among n - 1, the oracle skipped over)."""
+        drawn = self.rng.sample(range(len(self.chunks) - 1), count)
+        return [i + 1 if i >= oracle else i for i in drawn]
+
+    def _record(self, prefix: str, *fields) -> dict:
+        record = _record(self.rows, prefix, *fields)
+        self.rows += 1
+        return record
+
+    def records(self, qas: list[QA]) -> list[dict]:
+        s, chunks, rng = self.s, self.chunks, self.rng
+        out = []
+        for qa in qas:
+            oracle = chunks[qa.chunk_index]
+            available = len(chunks) - 1
+            # One extra distinct distractor stands by to take the oracle's place.
+            drawn = self._others(qa.chunk_index, s.num_distract_docs + (1 if available > s.num_distract_docs else 0))
+            docs = [oracle.text] + [chunks[i].text for i in drawn[:s.num_distract_docs]]
+            rng.shuffle(docs)
+            oracle_present = rng.random() < s.oracle_probability
+            if not oracle_present:
+                docs[docs.index(oracle.text)] = chunks[drawn[-1]].text
+            out.append(self._record("seed_task", qa.question, docs, oracle, qa.cot_answer, oracle_present,
+                                    qa.quotes_verified))
+            if rng.random() < s.refusal_probability:
+                refusal_docs = [chunks[i].text for i in self._others(qa.chunk_index, s.num_distract_docs + 1)]
+                out.append(self._record("refusal_task", qa.question, refusal_docs, oracle, s.refusal_answer,
+                                        False, None))
+        return out
+
+
 def assemble(qas: list[QA], chunks: list[Chunk], s: AssemblySettings, seed: int) -> list[dict]:
-    """RAFT records in the order of `qas`; every random draw comes from one seeded generator."""
-    rng = random.Random(seed)
-    records = []
-    for qa in qas:
-        oracle = chunks[qa.chunk_index]
-        others = [i for i in range(len(chunks)) if i != qa.chunk_index]
-        # One extra distinct distractor stands by to take the oracle's place.
-        drawn = rng.sample(others, s.num_distract_docs + (1 if len(others) > s.num_distract_docs else 0))
-        docs = [oracle.text] + [chunks[i].text for i in drawn[:s.num_distract_docs]]
-        rng.shuffle(docs)
-        oracle_present = rng.random() < s.oracle_probability
-        if not oracle_present:
-            docs[docs.index(oracle.text)] = chunks[drawn[-1]].text
-        records.append(_record(len(records), "seed_task", qa.question, docs, oracle, qa.cot_answer,
-                               oracle_present, qa.quotes_verified))
-        if rng.random() < s.refusal_probability:
-            refusal_docs = [chunks[i].text for i in rng.sample(others, s.num_distract_docs + 1)]
-            records.append(_record(len(records), "refusal_task", qa.question, refusal_docs, oracle,
-                                   s.refusal_answer, False, None))
-    return records
+    """RAFT records of a list of QAs in one go (see Assembler)."""
+    return Assembler(chunks, s, seed).records(qas)

@@ -8,19 +8,26 @@
    through LangChain's ChatOpenAI.batch called the way the reference raft_utils.py calls it (default settings).
    Each is printed against the limit N x delay / in-flight, and against the reference. Each way first sends
    one warm-up batch, so that connection set-up is not timed for either.
-2. Real: raft.py on the first 20 chunks of data/ with the llama.cpp server and SmolLM2-135M-Instruct
-   (started here unless --teacher-url is given): chunks per minute and generated tokens per second.
+2. End to end: raft.py itself, a new process as a user runs it, on a synthetic corpus of 383 chunks (327K
+   characters) against the same loopback server, at 32 and 64 requests in flight: its wall time against the
+   server-bound limit (requests x delay / in flight), start-up, loading and writing included.
+3. Real: raft.py on the first 20 chunks of data/ with SmolLM2-135M-Instruct, side by side on llama.cpp's C++
+   llama-server (8 parallel slots, the default of scripts/teacher.sh) and llama-cpp-python's Python server (one
+   request at a time; scripts/teacher.sh setup-python-server installs it): chunks per minute and tokens per
+   second (started here unless --teacher-url is given).
 """
 import argparse
 import json
 import os
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import httpx
 
@@ -104,7 +111,57 @@ def loopback(n: int, delay: float, repeats: int):
     print(f"{'LangChain ChatOpenAI.batch (ref.)':34} {reference:8.2f} {'':>8} {'':>9} {n / reference:7.1f} {1.0:12.1f}x")
 
 
-def real_throughput(teacher_url: str, chunks: int):
+def write_corpus(folder: Path, paragraphs: int, chars: int = 854) -> Path:
+    """Markdown files of distinct paragraphs of about `chars` characters: one chunk of raft.py's default 1000
+    characters each (383 paragraphs of 854: the 327K characters, 383 chunks of the measured workload)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    words = "llama model token context window layer attention tensor shard gradient batch licence guard".split()
+    for doc in range(0, paragraphs, 50):
+        text = []
+        for p in range(doc, min(doc + 50, paragraphs)):
+            sentence = lambda s: f"Fact {p}.{s}: the {words[(p + s) % len(words)]} of item {p} measures {p * 7 + s} units. "
+            paragraph = "".join(sentence(s) for s in range(40))[:chars].rsplit(" ", 1)[0] + "."
+            text.append(paragraph)
+        (folder / f"doc{doc // 50:03d}.md").write_text("\n\n".join(text))
+    return folder
+
+
+def end_to_end(delay: float, chunks: int, in_flight: int):
+    """raft.py as a user runs it (a new process: start-up, loading, the stages, writing the outputs) against the
+    loopback server: wall time against the server-bound limit requests x delay / in flight."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "bench" / "loopback_server.py"), str(port), str(delay)],
+                              stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        wait_until_up(url)
+        with tempfile.TemporaryDirectory() as tmp:
+            corpus = write_corpus(Path(tmp) / "corpus", chunks)
+            cmd = [sys.executable, str(ROOT / "raft.py"), "-u", url, "-t", "4", "--data_dir", str(corpus),
+                   "--max_in_flight", str(in_flight), "-o", str(Path(tmp) / "out")]
+            started = time.perf_counter()
+            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            seconds = time.perf_counter() - started
+            if done.returncode:
+                raise SystemExit(f"raft.py failed:\n{done.stderr[-2000:]}")
+            sent = int(done.stdout.split("requests", 1)[1].split("sent", 1)[0])
+    finally:
+        server.terminate()
+        server.wait()
+    limit = sent * delay / in_flight
+    return seconds, sent, limit
+
+
+def end_to_end_table(delay: float, chunks: int):
+    print(f"\n== End to end: raft.py -t 4 on {chunks} chunks (327K characters), loopback server answering every "
+          f"request after {delay * 1000:.0f} ms")
+    print(f"{'max_in_flight':>13} {'seconds':>8} {'requests':>9} {'limit s':>8} {'of limit':>9} {'req/s':>7}")
+    for in_flight in (32, 64):
+        seconds, sent, limit = end_to_end(delay, chunks, in_flight)
+        print(f"{in_flight:>13} {seconds:8.2f} {sent:>9} {limit:8.2f} {limit / seconds:9.2f} {sent / seconds:7.1f}")
+
+
+def real_throughput(teacher_url: str, chunks: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, str(ROOT / "raft.py"), "-u", teacher_url, "-k", "EMPTY", "-t", "4",
                "--max_chunks", str(chunks), "-o", out]
@@ -112,13 +169,44 @@ def real_throughput(teacher_url: str, chunks: int):
         subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         seconds = time.perf_counter() - started
         counts = json.loads(Path(out, "raft_run.json").read_text())["counts"]
-        cache = [json.loads(line) for line in open(Path(out, "llm_cache.jsonl"))]
-    completion = sum(r["completion_tokens"] for r in cache)
-    prompt = sum(r["prompt_tokens"] for r in cache)
-    print(f"\n== Real: raft.py -t 4 on {chunks} chunks of data/, llama.cpp server + SmolLM2-135M-Instruct Q4_1, this machine")
-    print(f"wall time {seconds:.1f} s | {chunks / seconds * 60:.1f} chunks/min | {len(cache)} requests | "
-          f"{completion / seconds:.1f} generated tokens/s | {(prompt + completion) / seconds:.1f} total tokens/s | "
-          f"{counts['examples']} examples")
+        with sqlite3.connect(Path(out, "llm_cache.sqlite")) as db:
+            requests, prompt, completion = db.execute(
+                "SELECT COUNT(*), SUM(prompt_tokens), SUM(completion_tokens) FROM replies").fetchone()
+    return {"seconds": seconds, "chunks_per_min": chunks / seconds * 60, "requests": requests,
+            "generated_per_s": completion / seconds, "total_per_s": (prompt + completion) / seconds,
+            "examples": counts["examples"]}
+
+
+def with_teacher(server: str, chunks: int) -> dict:
+    env = {**os.environ, "TEACHER_PORT": str(free_port()), "TEACHER_SERVER": server}
+    subprocess.run([str(ROOT / "scripts/teacher.sh"), "start"], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    try:
+        return real_throughput(f"http://127.0.0.1:{env['TEACHER_PORT']}/v1", chunks)
+    finally:
+        subprocess.run([str(ROOT / "scripts/teacher.sh"), "stop"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+
+
+def real_table(chunks: int, teacher_url: Optional[str]):
+    print(f"\n== Real: raft.py -t 4 on the first {chunks} chunks of data/, SmolLM2-135M-Instruct Q4_1, this machine")
+    print(f"{'server':44} {'seconds':>8} {'chunks/min':>11} {'requests':>9} {'gen. tok/s':>11} {'all tok/s':>10} "
+          f"{'examples':>9}")
+    if teacher_url:
+        runs = {f"the server at {teacher_url}": real_throughput(teacher_url, chunks)}
+    else:
+        runs = {}
+        if subprocess.run([str(ROOT / ".venv-teacher/bin/python"), "-c", "import llama_cpp"],
+                          capture_output=True).returncode == 0:
+            runs["llama-cpp-python server (one request at a time)"] = with_teacher("python", chunks)
+        else:
+            print("(llama-cpp-python's server is not installed: scripts/teacher.sh setup-python-server adds it)")
+        runs["llama-server, 8 parallel slots (the default)"] = with_teacher("cpp", chunks)
+    for name, r in runs.items():
+        print(f"{name:44} {r['seconds']:8.1f} {r['chunks_per_min']:11.1f} {r['requests']:>9} "
+              f"{r['generated_per_s']:11.1f} {r['total_per_s']:10.1f} {r['examples']:>9}")
+    if len(runs) == 2:
+        before, after = runs.values()
+        print(f"llama-server vs the Python server: {after['total_per_s'] / before['total_per_s']:.2f}x tokens/s, "
+              f"{after['chunks_per_min'] / before['chunks_per_min']:.2f}x chunks/min")
 
 
 def main():
@@ -126,21 +214,15 @@ def main():
     parser.add_argument("--requests", type=int, default=512)
     parser.add_argument("--delay", type=float, default=0.2, help="loopback server delay in seconds")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs at 8 and 64 in flight (median shown)")
-    parser.add_argument("--chunks", type=int, default=20)
-    parser.add_argument("--skip-real", action="store_true", help="only the loopback part")
+    parser.add_argument("--corpus_chunks", type=int, default=383, help="chunks of the end-to-end workload")
+    parser.add_argument("--chunks", type=int, default=20, help="chunks of data/ asked about in the real part")
+    parser.add_argument("--skip-real", action="store_true", help="only the loopback parts")
     parser.add_argument("--teacher-url", help="a running teacher server; default: start scripts/teacher.sh")
     args = parser.parse_args()
     loopback(args.requests, args.delay, args.repeats)
-    if args.skip_real:
-        return
-    if args.teacher_url:
-        return real_throughput(args.teacher_url, args.chunks)
-    env = {**os.environ, "TEACHER_PORT": str(free_port())}
-    subprocess.run([str(ROOT / "scripts/teacher.sh"), "start"], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-    try:
-        real_throughput(f"http://127.0.0.1:{env['TEACHER_PORT']}/v1", args.chunks)
-    finally:
-        subprocess.run([str(ROOT / "scripts/teacher.sh"), "stop"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    end_to_end_table(args.delay, args.corpus_chunks)
+    if not args.skip_real:
+        real_table(args.chunks, args.teacher_url)
 
 
 if __name__ == "__main__":

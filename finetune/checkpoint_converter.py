@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))    # run as a sc
 from finetune.checkpoints import LATEST, CheckpointError, read_latest  # noqa: E402
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CONVERT_SCRIPT = Path(__file__).resolve().parent.parent / ".venv-teacher" / "llama.cpp-convert" / "convert_hf_to_gguf.py"
+CONVERT_SCRIPT = Path(__file__).resolve().parent.parent / ".venv-teacher" / "llama.cpp" / "convert_hf_to_gguf.py"
 
 
 def locate(path: Path) -> tuple[Path, Path]:

@@ -7,11 +7,12 @@
 #
 # Stages (each logs to $DEMO_DIR/logs/<stage>.log; a finished stage is reused when the script runs again with the
 # same settings, and a stage that runs again makes every later stage run again):
-#   1 teacher    llama.cpp serves the base SmolLM2 (port $DEMO_TEACHER_PORT); it is also the baseline and the judge
+#   1 teacher    llama-server serves the base SmolLM2 (port $DEMO_TEACHER_PORT, 8 requests at once); it is also the
+#                baseline and the judge
 #   2 generate   raft.py writes RAFT data from data/ with it
 #   3 finetune   torchrun, 2 CPU processes, FSDP2: full fine-tune of SmolLM2 (from its GGUF) for a few steps
 #   4 convert    the sharded checkpoint -> a Hugging Face folder and a GGUF file
-#   5 student    llama.cpp serves the fine-tuned GGUF (port $DEMO_STUDENT_PORT)
+#   5 student    llama-server serves the fine-tuned GGUF (port $DEMO_STUDENT_PORT)
 #   6 evaluate   raft_eval.py: fine-tuned vs base, without and with retrieval, judged by the base model
 #   7 report     where the report is, and how to chat with the fine-tuned model
 # Every server the script started is stopped when it ends, however it ends.
@@ -120,12 +121,13 @@ stage_number=5
 echo "[demo] 5/7 student: llama.cpp with $DIR/$STUDENT_NAME.gguf on port $STUDENT_PORT"
 start_server "$STUDENT_PORT" "$DIR/$STUDENT_NAME.gguf" "$STUDENT_NAME"
 
-# A new student makes the old answers stale: their cache goes with it.
-(( upstream_changed )) && rm -rf "$DIR/eval/cache"
+# The student's revision is its GGUF's checksum: a retrained student, served under the same name from the same
+# path, is never answered from the cache of the one before (raft_eval.py keys its cache by it).
+student_revision="$(sha256sum "$DIR/$STUDENT_NAME.gguf" | cut -c1-16)"
 stage evaluate "$QUESTIONS questions, top-$TOPK, $ANSWER_TOKENS answer tokens, chunks of $CHUNK_SIZE" \
   "$PY" raft_eval.py -m "$STUDENT_NAME" -u "$student_url" --baseline "$BASE_NAME=$teacher_url" \
     -j "$teacher_url" --judge_model "$BASE_NAME" -r "$TOPK" --limit "$QUESTIONS" --max_tokens "$ANSWER_TOKENS" \
-    --chunk_size "$CHUNK_SIZE" \
+    --chunk_size "$CHUNK_SIZE" --model_revision "$student_revision" \
     -o "$DIR/eval"
 
 stop_servers

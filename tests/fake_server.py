@@ -57,6 +57,7 @@ class FakeOpenAI:
                  model_info: Optional[dict] = None):
         self.models = list(models)
         self.model_info = model_info or {}     # extra fields of every /models entry (vLLM's root, max_model_len)
+        self.models_listed = True              # False: GET /models is a 404, as on some API gateways
         self.api_key = api_key                 # when set, other keys get 401
         self.delay = delay                     # added to every chat request (benchmarks)
         self.script: Callable[[dict, int], Optional[Reply]] = lambda body, n: None
@@ -113,7 +114,7 @@ class FakeOpenAI:
             def do_GET(self):
                 if not self._authorised():
                     return
-                if self.path == "/v1/models":
+                if self.path == "/v1/models" and fake.models_listed:
                     data = [{"id": m, "object": "model", "created": int(time.time()), **fake.model_info}
                             for m in fake.models]
                     self._send(200, json.dumps({"object": "list", "data": data}).encode())

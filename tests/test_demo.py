@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import LLAMA_SERVER, ROOT
 from tests.test_raft_cli import check_record
 
 
@@ -24,7 +24,7 @@ def port_open(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    if not (ROOT / ".venv-teacher" / "bin" / "python").exists():
+    if not LLAMA_SERVER.exists():
         pytest.fail("the llama.cpp server is not set up: run `make setup` first")
     folder = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "DEMO_DIR": str(folder), "DEMO_TEACHER_PORT": str(free_port()),

@@ -111,3 +111,58 @@ def test_duplicate_and_short_chunks_are_dropped():
             Document(page_content="Too short.", metadata={"source": "c"})]
     chunks, dropped = split_documents(docs, 1000)
     assert [c.source for c in chunks] == ["a"] and dropped == {"too short": 1, "duplicate": 1}
+
+
+def test_sitemap_pages_are_fetched_concurrently_with_a_bound_and_retried(tmp_path):
+    """20 pages that take 0.2 s each: fetched 8 at a time, never more; a 503 and a 429 with a malformed
+    Retry-After are retried, a 404 is not."""
+    import time
+    from http.server import BaseHTTPRequestHandler
+    from raft_utils import SITEMAP_CONCURRENCY
+    state = {"now": 0, "most": 0, "tries": {}}
+    lock = threading.Lock()
+
+    class Flaky(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            with lock:
+                state["now"] += 1
+                state["most"] = max(state["most"], state["now"])
+                tries = state["tries"][self.path] = state["tries"].get(self.path, 0) + 1
+            time.sleep(0.2)
+            with lock:
+                state["now"] -= 1
+            if self.path == "/p0.html" and tries == 1:
+                return self._reply(503, b"busy")
+            if self.path == "/p1.html" and tries == 1:
+                return self._reply(429, b"slow down", {"Retry-After": "soon, maybe"})
+            if self.path == "/gone.html":
+                return self._reply(404, b"no")
+            self._reply(200, f"<html><body><p>Page {self.path} says llamas graze at noon.</p></body></html>".encode())
+
+        def _reply(self, status, body, headers=None):
+            self.send_response(status)
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        urls = [f"{base}/p{i}.html" for i in range(20)] + [f"{base}/gone.html"]
+        started = time.time()
+        report = load_documents("", write_sitemap(tmp_path / "sitemap.xml", urls))
+        elapsed = time.time() - started
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [d.metadata["source"] for d in report.documents] == urls[:20]          # sitemap order
+    assert report.skipped == [(f"{base}/gone.html", "HTTP 404")] and state["tries"]["/gone.html"] == 1
+    assert state["tries"]["/p0.html"] == 2 and state["tries"]["/p1.html"] == 2
+    assert 4 <= state["most"] <= SITEMAP_CONCURRENCY
+    assert elapsed < 2.5                 # one at a time: 23 requests x 0.2 s = 4.6 s at least

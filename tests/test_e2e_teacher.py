@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import LLAMA_SERVER, ROOT
 from tests.test_raft_cli import check_record
 
 TEACHER = ROOT / "scripts" / "teacher.sh"
@@ -20,7 +20,7 @@ TEACHER = ROOT / "scripts" / "teacher.sh"
 
 @pytest.fixture(scope="module")
 def teacher_url():
-    if not (ROOT / ".venv-teacher" / "bin" / "python").exists():
+    if not LLAMA_SERVER.exists():
         pytest.fail("the llama.cpp teacher is not set up: run `make setup` (scripts/teacher.sh setup) first")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

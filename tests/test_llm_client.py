@@ -46,6 +46,35 @@ def test_429_then_success_honours_retry_after(fake):
     assert time.monotonic() - started >= 1.0      # waited as the server asked, not the 0.05 s backoff
 
 
+def test_408_and_a_malformed_retry_after_are_retried(fake):
+    replies = {0: Reply(408), 1: Reply(503, headers={"Retry-After": "in a while"})}
+    fake.script = lambda body, n: replies.get(n, Reply(content="fine"))
+    client = client_for(fake)
+    [result] = client.complete_all([(HELLO, {})], "t")
+    assert result.text == "fine" and client.usage.retries == 2 and len(fake.requests) == 3
+
+
+def test_a_request_that_keeps_getting_429_waits_up_to_rate_limit_wait_then_is_dropped(fake):
+    """429s are not counted against max_retries (a busy cloud API can refuse for minutes) but against a total
+    wait; other requests are not held up."""
+    fake.script = lambda body, n: Reply(429, headers={"Retry-After": "0.2"}) \
+        if body["messages"][0]["content"] == "busy" else None
+    client = client_for(fake, max_retries=0, rate_limit_wait=0.7)
+    started = time.monotonic()
+    busy, other = client.complete_all([([{"role": "user", "content": "busy"}], {}), (HELLO, {})], "t")
+    assert busy.text is None and busy.error.startswith("HTTP 429 for") and "rate_limit_wait 0.7 s" in busy.error
+    assert other.text is not None
+    assert sum(r["messages"][0]["content"] == "busy" for r in fake.requests) == 4     # waited 3 x 0.2 s, not 0 retries
+    assert 0.55 < time.monotonic() - started < 2
+
+
+def test_every_retry_takes_its_place_in_the_rate_windows(fake):
+    fake.script = lambda body, n: Reply(500) if n == 0 else None
+    client = client_for(fake, rpm=100)
+    client.complete_all([(HELLO, {"max_tokens": 5})], "t")
+    assert len(client._limiter.window) == 2         # the failed attempt counted too, as the provider counts it
+
+
 def test_repeated_500s_give_up_on_that_request_only(fake):
     fake.script = lambda body, n: Reply(500) if body["messages"][0]["content"] == "bad" else None
     client = client_for(fake, max_retries=2)
@@ -214,13 +243,27 @@ def test_cache_key_depends_on_model_messages_and_params():
     assert base != cache_key("m", HELLO, {"temperature": 0.5})
 
 
-def test_torn_last_line_is_ignored_and_appends_stay_parseable(tmp_path):
+def test_an_earlier_jsonl_cache_is_imported_once_and_its_torn_line_skipped(tmp_path):
     path = tmp_path / "cache.jsonl"
     path.write_text(json.dumps({"key": "a", "text": "A", "prompt_tokens": 1, "completion_tokens": 1}) + "\n"
                     + '{"key": "b", "text": "tor')
     cache = ResponseCache(str(path))
+    assert cache.path == tmp_path / "cache.sqlite"
     assert cache.get("a")["text"] == "A" and cache.get("b") is None and cache.torn_lines == 1
     cache.put("c", "C", 2, 3)
     cache.close()
-    reloaded = ResponseCache(str(path))
-    assert reloaded.get("c")["text"] == "C" and reloaded.torn_lines == 1
+    reloaded = ResponseCache(str(path))            # not imported again: nothing to skip this time
+    assert reloaded.get("c")["text"] == "C" and reloaded.get("a")["text"] == "A" and reloaded.torn_lines == 0
+    assert len(reloaded) == 2 and not reloaded.get("c")["truncated"]
+
+
+def test_a_reply_is_durable_as_soon_as_it_is_stored(tmp_path):
+    """Another process (here: another connection) sees a reply the moment put() returns: a kill -9 right after
+    loses nothing that was finished."""
+    writer = ResponseCache(str(tmp_path / "c.sqlite"))
+    writer.put("k", "finished", 3, 4)
+    reader = ResponseCache(str(tmp_path / "c.sqlite"))
+    assert reader.get("k") == {"key": "k", "text": "finished", "prompt_tokens": 3, "completion_tokens": 4,
+                               "truncated": False}
+    writer.close()
+    reader.close()

@@ -1,7 +1,7 @@
 """Parsing teacher output and assembling RAFT records."""
 import pytest
 
-from raft_utils import (QA, AssemblySettings, Chunk, assemble, chunks_needed, final_answer, parse_questions,
+from raft_utils import (QA, Assembler, AssemblySettings, Chunk, assemble, chunks_needed, final_answer, parse_questions,
                         quotes_verified)
 
 
@@ -113,3 +113,30 @@ def test_chunks_needed():
     assert chunks_needed(SETTINGS) == 6
     assert chunks_needed(AssemblySettings(4, 1.0, 0.0, "no")) == 5
     assert chunks_needed(AssemblySettings(0, 0.8, 0.0, "no")) == 2
+
+
+class HugeCorpus:
+    """Ten million chunks that exist only when read: assembly that touched every chunk, or built a list of all
+    their indices, per question would take minutes here."""
+
+    def __len__(self):
+        return 10_000_000
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return Chunk(f"Chunk number {index} says something about llamas.", f"doc{index // 100}.md")
+
+
+def test_assembly_costs_the_distractors_not_the_corpus():
+    settings = AssemblySettings(4, 0.8, 0.5, "I do not know.")
+    qas = [QA(i * 1000, f"Question {i}?", f"<ANSWER>: {i}", True) for i in range(50)]
+    records = Assembler(HugeCorpus(), settings, seed=3).records(qas)
+    for record in records:
+        docs = record["context"]["sentences"][0]
+        assert len(docs) == 5 and len(set(docs)) == 5
+        oracle = record["oracle_context"]
+        assert (oracle in docs) == record["oracle_present"]
+    # windows: the same records whether assembled at once or in pieces
+    assembler = Assembler(HugeCorpus(), settings, seed=3)
+    assert assembler.records(qas[:20]) + assembler.records(qas[20:]) == records

@@ -138,16 +138,16 @@ def test_api_key_from_environment_wins_over_flag(corpus, tmp_path, monkeypatch):
         monkeypatch.delenv("API_KEY")
         assert run_raft(fake, corpus, tmp_path / "out2", "-k", "wrong") == 2
     assert "from-env" not in (tmp_path / "out" / "raft_run.json").read_text()
-    assert "from-env" not in (tmp_path / "out" / "llm_cache.jsonl").read_text()
+    assert b"from-env" not in (tmp_path / "out" / "llm_cache.sqlite").read_bytes()
 
 
 def test_same_inputs_cache_and_seed_give_identical_bytes(fake, corpus, tmp_path):
-    assert run_raft(fake, corpus, tmp_path / "a", "--cache_path", str(tmp_path / "c.jsonl")) == 0
+    assert run_raft(fake, corpus, tmp_path / "a", "--cache_path", str(tmp_path / "c.sqlite")) == 0
     sent = len(fake.requests)
-    assert run_raft(fake, corpus, tmp_path / "b", "--cache_path", str(tmp_path / "c.jsonl")) == 0
+    assert run_raft(fake, corpus, tmp_path / "b", "--cache_path", str(tmp_path / "c.sqlite")) == 0
     assert len(fake.requests) == sent                                      # all from the cache
     assert (tmp_path / "a" / "raft.jsonl").read_bytes() == (tmp_path / "b" / "raft.jsonl").read_bytes()
-    assert run_raft(fake, corpus, tmp_path / "c", "--cache_path", str(tmp_path / "c.jsonl"), "--seed", "7") == 0
+    assert run_raft(fake, corpus, tmp_path / "c", "--cache_path", str(tmp_path / "c.sqlite"), "--seed", "7") == 0
     assert (tmp_path / "a" / "raft.jsonl").read_bytes() != (tmp_path / "c" / "raft.jsonl").read_bytes()
 
 
@@ -165,7 +165,7 @@ def test_killed_run_resumes_without_resending_finished_requests(tmp_path):
             time.sleep(0.02)
         first.send_signal(signal.SIGKILL)
         first.wait()
-        finished = set(ResponseCache(str(tmp_path / "resumed" / "llm_cache.jsonl")).entries)
+        finished = ResponseCache(str(tmp_path / "resumed" / "llm_cache.sqlite")).keys()
         assert 5 <= len(finished) < 14
         sent_before = len(fake.requests)
         fake.script = lambda body, n: None
@@ -208,3 +208,36 @@ def test_replies_cut_at_max_tokens_are_asked_again_with_twice_the_budget_then_dr
     assert counts["dropped"]["truncated: cut at max_tokens, also with twice the budget"] == 1
     assert counts["replies cut at max_tokens"] == 2
     assert "2 replies cut at max_tokens asked again with twice the budget" in capsys.readouterr().out
+
+
+def test_any_window_size_gives_the_same_bytes(fake, corpus, tmp_path):
+    """Windows bound the memory; the dataset does not depend on them (nor on the order replies come back)."""
+    assert run_raft(fake, corpus, tmp_path / "one", "--cache_path", str(tmp_path / "c.sqlite")) == 0
+    sent = len(fake.requests)
+    assert run_raft(fake, corpus, tmp_path / "many", "--cache_path", str(tmp_path / "c.sqlite"),
+                    "--window_chunks", "2") == 0
+    assert len(fake.requests) == sent
+    assert (tmp_path / "one" / "raft.jsonl").read_bytes() == (tmp_path / "many" / "raft.jsonl").read_bytes()
+    assert datasets.load_from_disk(str(tmp_path / "many")).to_list() == read_jsonl(tmp_path / "many" / "raft.jsonl")
+    assert not (tmp_path / "many" / "raft_records.partial.jsonl").exists()
+
+
+def test_answers_are_asked_while_later_chunks_questions_are_still_out(corpus, tmp_path):
+    """No barrier between the stages: with 2 requests in flight, the first chunk's answers go out before the
+    last chunk's question (a barrier would send every question first)."""
+    with FakeOpenAI(delay=0.05) as fake:
+        assert run_raft(fake, corpus, tmp_path / "out", "--max_in_flight", "2") == 0
+        kinds = ["answer" if is_answer_request(b) else "question" for b in fake.requests]
+    assert kinds.index("answer") < len(kinds) - 1 - kinds[::-1].index("question")
+    assert kinds.count("question") >= 6
+
+
+def test_a_gateway_without_a_model_list_works_with_no_preflight(corpus, tmp_path, capsys):
+    with FakeOpenAI() as fake:
+        fake.models_listed = False
+        assert run_raft(fake, corpus, tmp_path / "a") == 2
+        assert "pass --no_preflight and -m" in capsys.readouterr().err
+        assert run_raft(fake, corpus, tmp_path / "b", "--no_preflight") == 2
+        assert "--no_preflight needs the model name: pass it with -m" in capsys.readouterr().err
+        assert run_raft(fake, corpus, tmp_path / "c", "--no_preflight", "-m", "teacher") == 0
+    assert read_jsonl(tmp_path / "c" / "raft.jsonl")
