@@ -1,8 +1,10 @@
-"""Chat with the fine-tuned model over your documents: retrieval, the RAFT prompt, the answer as it is written.
+"""Chat with the fine-tuned model over your documents: in the terminal, on a web page, or through an API.
 
-  python chat.py -u http://localhost:8000/v1 -m raft-8b                # a vLLM / llama.cpp server
+  python chat.py -u http://localhost:8000/v1 -m raft-8b                # the terminal, with a vLLM / llama.cpp server
   python chat.py --model_path output/demo/hf                           # no server: transformers in this process
   python chat.py -u http://localhost:8000/v1 --question "What is RAFT?" --json   # one shot, for scripts
+  python chat.py -u http://localhost:8000/v1 --web                     # a chat page on http://127.0.0.1:7860
+  python chat.py -u http://localhost:8000/v1 --serve                   # an OpenAI-compatible RAG endpoint on :8090
 
 Each question goes through the same retriever and RAG prompt as the evaluation (raft_eval_config.yaml, -c): the
 top -r chunks of the documents become the <DOCUMENT>s of the prompt. The reply streams in; by default only the
@@ -10,20 +12,17 @@ part after <ANSWER>: is shown (--show-reasoning shows the chain of thought, --so
 When the model declines (raft.yaml's refusal answer, or "I don't know"), chat.py says so and prints a line
 starting with "[handoff]", so a person can take over; in one-shot mode the exit code is then 3, and --json
 sets "handoff": true. An empty line asks again; Ctrl-C stops the current answer; Ctrl-D or "exit" quits.
+The web page (web_chat.py) and the endpoint (rag_server.py) are described in their own files.
 """
 import argparse
 import json
-import re
+import os
 import sys
-import threading
-from pathlib import Path
 
-import metrics
-from config import EVAL_SCHEMA, RAFT_SCHEMA, ConfigError, fill_prompt, load_config, load_config_with_flags
-from hardware import compute_dtype, torch_dtype
-from llm_client import LLMFatalError, add_client_flags, client_from_config, connect, public_host
-from raft_utils import InputError, final_answer, instruction, load_chunks
-from retrieval import build_retriever
+from assistant import Assistant, open_model
+from config import EVAL_SCHEMA, ConfigError, load_config_with_flags
+from llm_client import LLMFatalError, add_client_flags
+from raft_utils import InputError
 
 DEFAULT_URL = "http://localhost:8000/v1"
 HANDOFF = "[handoff] The documents do not answer this question: please pass it to a person."
@@ -47,136 +46,44 @@ def parse_args(argv):
     p.add_argument("--json", action="store_true", help="with --question: print one JSON object instead of text")
     p.add_argument("--max_tokens", type=int, dest="answer_max_tokens", help="longest reply, in tokens")
     add_client_flags(p)
+    web = p.add_argument_group("the web page (--web) and the RAG endpoint (--serve)")
+    web.add_argument("--web", action="store_true", help="serve a chat page (Gradio) instead of the terminal")
+    web.add_argument("--serve", action="store_true", help="serve an OpenAI-compatible RAG endpoint instead")
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    web.add_argument("--port", type=int, help="port (default 7860 for --web, 8090 for --serve)")
+    web.add_argument("--share", action="store_true", help="--web: also open Gradio's public share link")
+    web.add_argument("--concurrency", type=int, default=4, help="answers written at once; more people wait in line")
+    web.add_argument("--handoff_log", default="output/chat/handoffs.jsonl",
+                     help="--web: every hand-off appended here (time, question, sources) for a support team")
+    web.add_argument("--feedback_log", default="output/chat/feedback.jsonl",
+                     help="--web: every thumbs up/down appended here (the eval file's format plus the verdict)")
+    web.add_argument("--server_api_key", help="--serve: the key clients must send (or the RAG_SERVER_API_KEY "
+                                              "environment variable); none: no key needed")
     return p.parse_args(argv)
 
 
-# ---- where replies come from ----------------------------------------------------------------------------------
-class ServerModel:
-    """An OpenAI-compatible server, through the shared client."""
-
-    def __init__(self, cfg, args):
-        # One retry at most: a person is waiting for the answer.
-        self.client = client_from_config(cfg, args, [args.url], args.model, None, max_retries=min(1, cfg["max_retries"]))
-        self.name = connect(self.client, args)
-        self.where = public_host(args.url)
-
-    def stream(self, messages, params):
-        return self.client.stream(messages, params)
-
-    def close(self):
-        self.client.close()
-
-
-class LocalModel:
-    """A Hugging Face folder run with transformers in this process (no server needed; slower)."""
-
-    def __init__(self, path: str):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        # bf16 only where the hardware has it: a bf16 checkpoint run as saved crawls on a CPU without bf16 units.
-        self.dtype, self.dtype_reason = compute_dtype("auto")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(self.dtype)).eval()
-        except (OSError, ValueError) as e:
-            raise InputError(f"--model_path {path} is not a Hugging Face model folder ({str(e).splitlines()[0]})") from None
-        if not self.tokenizer.chat_template:
-            raise InputError(f"--model_path {path}: the tokenizer has no chat template")
-        self.name, self.where = Path(path).name, f"this process, {self.dtype}"
-
-    def stream(self, messages, params):
-        from transformers import StoppingCriteria, TextIteratorStreamer
-        stop = threading.Event()
-
-        class Stop(StoppingCriteria):       # lets Ctrl-C end the generation thread too
-            def __call__(self, *args, **kwargs):
-                return stop.is_set()
-        inputs = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                    return_dict=True)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        sampling = {"do_sample": True, "temperature": params["temperature"]} if params["temperature"] > 0 \
-            else {"do_sample": False}
-        thread = threading.Thread(target=self.model.generate, daemon=True, kwargs=dict(
-            **inputs, max_new_tokens=params["max_tokens"], streamer=streamer, stopping_criteria=[Stop()], **sampling))
-        thread.start()
-        try:
-            yield from streamer
-        finally:
-            stop.set()
-            thread.join()     # a generation thread still running at exit aborts the interpreter
-
-    def close(self):
-        pass
-
-
-# ---- one question ---------------------------------------------------------------------------------------------
-class Assistant:
-    """Retrieval and prompts, read from the evaluation's config: the model sees what it was trained and tested on."""
-
-    def __init__(self, cfg, topk: int, rag: bool):
-        self.cfg, self.topk, self.rag = cfg, topk, rag
-        self.refusal_answer = load_config(cfg["raft_config"], RAFT_SCHEMA)["refusal_answer"]
-        self.chunks = []
-        if rag:
-            _, self.chunks, _ = load_chunks(cfg["data_dir"], cfg["xml_path"], cfg["verify_ssl"], cfg["chunk_size"])
-            self.retriever = build_retriever(self.chunks, cfg["retriever"], cfg["embedding_model"],
-                                             cfg["index_cache"] or None, cfg["embedding_batch_size"],
-                                             cfg["embedding_dtype"])
-        self.params = {"temperature": cfg["temperature"], "max_tokens": cfg["answer_max_tokens"]}
-
-    def prompt(self, question: str) -> tuple[list[dict], list[dict]]:
-        """(chat messages, retrieved sources)."""
-        if not self.rag:
-            return fill_prompt(self.cfg["model_prompt"], question=question), []
-        ranking = self.retriever.rank([question], min(self.topk, len(self.chunks)))[0]
-        docs = [self.chunks[i] for i in ranking]
-        sources = [{"rank": r, "source": c.source, "text": c.text} for r, c in enumerate(docs, 1)]
-        return fill_prompt(self.cfg["rag_prompt"], instruction=instruction([c.text for c in docs], question)), sources
-
-
-class AnswerPrinter:
-    """Prints a streamed reply: everything with --show-reasoning, else only what follows <ANSWER>: (the whole
-    reply at the end when the model never wrote the marker, as a base model does not)."""
-    MARK = re.compile(r"<ANSWER>\s*:")
-
-    def __init__(self, show_reasoning: bool, out):
-        self.show_reasoning, self.out = show_reasoning, out
-        self.reply, self.printed = "", 0       # printed: how much of the answer part is on screen
-
-    def feed(self, piece: str):
-        self.reply += piece
-        if self.show_reasoning:
-            self.out.write(piece)
-        else:
-            mark = self.MARK.search(self.reply)
-            if not mark:
-                return
-            answer = self.reply[mark.end():].lstrip()
-            self.out.write(answer[self.printed:])
-            self.printed = len(answer)
-        self.out.flush()
-
-    def finish(self):
-        if not self.show_reasoning and not self.MARK.search(self.reply):
-            self.out.write(metrics.answer_text(self.reply))
-        self.out.write("\n")
-        self.out.flush()
-
-
+# ---- the terminal ------------------------------------------------------------------------------------------------
 def ask(assistant: Assistant, model, question: str, show_reasoning: bool, out) -> dict:
     """Stream one answer to `out` (None: print nothing) and return what a caller needs to know about it."""
-    messages, sources = assistant.prompt(question)
-    printer = AnswerPrinter(show_reasoning, out) if out else None
-    reply = ""
-    for piece in model.stream(messages, assistant.params):
-        reply += piece
-        if printer:
-            printer.feed(piece)
-    if printer:
-        printer.finish()
-    answer = metrics.answer_text(reply)
-    refused = metrics.is_refusal(answer, assistant.refusal_answer)
-    return {"question": question, "answer": answer, "reply": reply, "answer_marked": final_answer(reply) is not None,
-            "handoff": refused, "sources": sources}
+    turn = assistant.start(question)
+    shown = ""
+    for _ in assistant.stream(turn, model):
+        if out:
+            shown = print_more(turn.visible(show_reasoning), shown, out)
+    if out:
+        print_more(turn.visible(show_reasoning, finished=True), shown, out)
+        out.write("\n")
+        out.flush()
+    return assistant.finish(turn)
+
+
+def print_more(visible: str, shown: str, out) -> str:
+    """Write what is new in the visible text; returns what is on screen now."""
+    if len(visible) > len(shown):
+        out.write(visible[len(shown):])
+        out.flush()
+        return visible
+    return shown
 
 
 def print_sources(sources, out):
@@ -198,9 +105,8 @@ def one_shot(assistant, model, args) -> int:
 
 
 def interactive(assistant, model, args) -> int:
-    where = f"retrieval: {assistant.cfg['retriever']} top-{assistant.topk} over {len(assistant.chunks)} chunks" \
-        if assistant.rag else "no retrieval"
-    print(f"RAFT chat with {model.name} ({model.where}; {where}). Ctrl-D or 'exit' quits, Ctrl-C stops an answer.")
+    print(f"RAFT chat with {model.name} ({model.where}; {assistant.describe()}). Ctrl-D or 'exit' quits, "
+          "Ctrl-C stops an answer.")
     while True:
         try:
             question = input("\nyou> ").strip()
@@ -230,12 +136,22 @@ def run(args) -> int:
     cfg = load_config_with_flags(args.config, EVAL_SCHEMA, args)
     if args.json and not args.question:
         raise ConfigError("--json needs --question (one-shot mode)")
+    if sum([args.web, args.serve, bool(args.question)]) > 1:
+        raise ConfigError("choose one of --web, --serve and --question")
     topk = args.topk or cfg["rag_topk"][0]
     if topk < 1:
         raise ConfigError(f"-r must be 1 or more, got {topk}")
+    if args.concurrency < 1:
+        raise ConfigError(f"--concurrency must be 1 or more, got {args.concurrency}")
     assistant = Assistant(cfg, topk, args.rag)
-    model = LocalModel(args.model_path) if args.model_path else ServerModel(cfg, args)
+    model = open_model(cfg, args)
     try:
+        if args.web:
+            import web_chat        # Gradio is imported only for the page
+            return web_chat.serve(assistant, model, args)
+        if args.serve:
+            import rag_server
+            return rag_server.serve(assistant, model, args, args.server_api_key or os.environ.get("RAG_SERVER_API_KEY"))
         return one_shot(assistant, model, args) if args.question else interactive(assistant, model, args)
     finally:
         model.close()

@@ -138,8 +138,8 @@ awk '/^(\*\*)?(WARNING|judge calibration)/ {on = 1} /^answer support/ {on = 0} o
 echo
 echo "  report:   $DIR/eval/report.md (plots beside it; every answer in $DIR/eval/questions.jsonl)"
 echo "  training: $DIR/checkpoints/$STUDENT_NAME/metrics.json and loss.png"
-echo "  chat with the fine-tuned model (no server needed):"
-echo "    $PY chat.py --model_path $DIR/$STUDENT_NAME-hf --chunk_size $CHUNK_SIZE"
-echo "  or serve its GGUF and chat through the server:"
+echo "  chat with the fine-tuned model on a web page (http://127.0.0.1:7860; no server needed):"
+echo "    $PY chat.py --model_path $DIR/$STUDENT_NAME-hf --chunk_size $CHUNK_SIZE --web"
+echo "  or serve its GGUF (several people at once) and chat in the terminal, or offer it as an OpenAI-style API:"
 echo "    TEACHER_PORT=$STUDENT_PORT TEACHER_MODEL=$DIR/$STUDENT_NAME.gguf TEACHER_ALIAS=$STUDENT_NAME scripts/teacher.sh start"
-echo "    $PY chat.py -u $student_url --chunk_size $CHUNK_SIZE"
+echo "    $PY chat.py -u $student_url --chunk_size $CHUNK_SIZE            # add --web, or --serve for the API"

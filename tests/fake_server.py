@@ -28,6 +28,7 @@ class Reply:
     raw: Optional[bytes] = None       # a body sent as is (garbage, truncated JSON)
     delay: float = 0.0                # seconds before answering (a hanging request)
     finish_reason: str = "stop"       # "length": the reply was cut at max_tokens
+    piece_delay: float = 0.0          # streaming: seconds between events (a reply written slowly)
 
 
 def document_of(body: dict) -> str:
@@ -62,6 +63,7 @@ class FakeOpenAI:
         self.delay = delay                     # added to every chat request (benchmarks)
         self.script: Callable[[dict, int], Optional[Reply]] = lambda body, n: None
         self.requests: list[dict] = []         # every chat request body, in arrival order
+        self.in_flight = self.most_in_flight = 0   # chat requests being answered now, and the most at once
         self.lock = threading.Lock()
         self.server = _Server(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
@@ -96,14 +98,28 @@ class FakeOpenAI:
                 except (BrokenPipeError, ConnectionResetError):
                     pass      # the client gave up (a timeout test)
 
-            def _send_stream(self, number, model, content, headers):
-                """Server-sent events, a few characters per event, as an OpenAI-compatible server streams."""
+            def _send_stream(self, number, model, content, headers, piece_delay=0.0):
+                """Server-sent events, a few characters per event, as an OpenAI-compatible server streams; with
+                piece_delay, one event at a time (the connection then ends the stream)."""
                 pieces = [content[i:i + 7] for i in range(0, len(content), 7)]
-                events = [{"id": f"cmpl-{number}", "object": "chat.completion.chunk", "model": model,
-                           "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece},
-                                        "finish_reason": None}]} for piece in pieces]
-                payload = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
-                self._send(200, payload.encode(), headers, content_type="text/event-stream")
+                chunk = lambda piece: {"id": f"cmpl-{number}", "object": "chat.completion.chunk", "model": model,
+                                       "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece},
+                                                    "finish_reason": None}]}
+                events = [f"data: {json.dumps(chunk(piece))}\n\n" for piece in pieces] + ["data: [DONE]\n\n"]
+                if not piece_delay:
+                    return self._send(200, "".join(events).encode(), headers, content_type="text/event-stream")
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                try:
+                    for event in events:
+                        self.wfile.write(event.encode())
+                        self.wfile.flush()
+                        time.sleep(piece_delay)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
 
             def _authorised(self) -> bool:
                 if fake.api_key and self.headers.get("Authorization") != f"Bearer {fake.api_key}":
@@ -132,13 +148,22 @@ class FakeOpenAI:
                 with fake.lock:
                     number = len(fake.requests)
                     fake.requests.append(body)
+                    fake.in_flight += 1
+                    fake.most_in_flight = max(fake.most_in_flight, fake.in_flight)
+                try:
+                    self._answer(body, number)
+                finally:
+                    with fake.lock:
+                        fake.in_flight -= 1
+
+            def _answer(self, body, number):
                 reply = fake.script(body, number) or Reply()
                 time.sleep(reply.delay + fake.delay)
                 if reply.raw is not None or reply.status != 200:
                     return self._send(reply.status, reply.raw or b'{"error": "scripted"}', reply.headers)
                 content = default_content(body) if reply.content is None else reply.content
                 if body.get("stream"):
-                    return self._send_stream(number, body["model"], content, reply.headers)
+                    return self._send_stream(number, body["model"], content, reply.headers, reply.piece_delay)
                 payload = {"id": f"cmpl-{number}", "object": "chat.completion", "model": body["model"],
                            "choices": [{"index": 0, "finish_reason": reply.finish_reason,
                                         "message": {"role": "assistant", "content": content}}],

@@ -64,7 +64,7 @@ def test_quick_demo_writes_every_artefact(demo):
     for plot in ("judge_score.png", "refusals.png", "precision.png"):
         assert (folder / "eval" / plot).read_bytes()[:4] == b"\x89PNG"
 
-    assert "chat.py --model_path" in first.stdout and "report.md" in first.stdout
+    assert "chat.py --model_path" in first.stdout and "--web" in first.stdout and "report.md" in first.stdout
     assert not port_open(int(env["DEMO_TEACHER_PORT"])) and not port_open(int(env["DEMO_STUDENT_PORT"]))
 
 
