@@ -25,7 +25,7 @@ from config import RAFT_SCHEMA, fill_prompt, load_config
 from hardware import compute_dtype, torch_dtype
 from llm_client import ChatClient, client_from_config, connect, public_host
 from raft_utils import InputError, final_answer, instruction, load_chunks
-from retrieval import build_retriever
+from retrieval import build_retriever, settings_from_config
 
 ANSWER_MARK = re.compile(r"<ANSWER>\s*:")
 
@@ -143,7 +143,7 @@ class Assistant:
             _, self.chunks, _ = load_chunks(cfg["data_dir"], cfg["xml_path"], cfg["verify_ssl"], cfg["chunk_size"])
             self.retriever = build_retriever(self.chunks, cfg["retriever"], cfg["embedding_model"],
                                              cfg["index_cache"] or None, cfg["embedding_batch_size"],
-                                             cfg["embedding_dtype"])
+                                             cfg["embedding_dtype"], settings_from_config(cfg))
         self.params = {"temperature": cfg["temperature"], "max_tokens": cfg["answer_max_tokens"]}
 
     def describe(self) -> str:

