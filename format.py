@@ -39,22 +39,59 @@ def output_file(path: str, output_type: str) -> Path:
     return path if path.suffix == f".{output_type}" else path.with_name(path.name + f".{output_type}")
 
 
-# The fields raft.py writes (design.md, section 2): their Arrow types, so that records can be written in batches
+# The fields raft.py writes (design.md, section 2) and their Arrow types, so that records can be written in batches
 # (a batch of refusal examples alone would leave quotes_verified without a type).
 RAFT_FIELDS = ("id", "type", "question", "context", "oracle_context", "cot_answer", "instruction", "source",
                "oracle_present", "quotes_verified")
 BATCH = 1000        # records per Parquet or Arrow batch: memory stays flat, whatever the number of records
 
 
-def raft_features():
-    import datasets     # here, not at the top: the trainer reads JSONL through this module without it
-    text = datasets.Value("string")
-    return datasets.Features({
-        "id": text, "type": text, "question": text,
-        "context": {"title": datasets.Sequence(datasets.Sequence(text)),
-                    "sentences": datasets.Sequence(datasets.Sequence(text))},
-        "oracle_context": text, "cot_answer": text, "instruction": text, "source": text,
-        "oracle_present": datasets.Value("bool"), "quotes_verified": datasets.Value("bool")})
+def raft_arrow_schema():
+    import pyarrow as pa
+    text, nested = pa.string(), pa.list_(pa.list_(pa.string()))
+    return pa.schema([("id", text), ("type", text), ("question", text),
+                      ("context", pa.struct([("title", nested), ("sentences", nested)])),
+                      ("oracle_context", text), ("cot_answer", text), ("instruction", text), ("source", text),
+                      ("oracle_present", pa.bool_()), ("quotes_verified", pa.bool_())])
+
+
+class DatasetWriter:
+    """A Hugging Face dataset folder of RAFT records, the layout Dataset.save_to_disk writes and
+    datasets.load_from_disk reads (an Arrow stream file, dataset_info.json, state.json), written batch by batch as
+    the records come: memory does not grow with them, and no copy of the data is mapped back into memory."""
+    DATA_FILE = "data-00000-of-00001.arrow"
+
+    def __init__(self, folder: Path):
+        import pyarrow as pa
+        self.folder, self.schema, self.batch = Path(folder), raft_arrow_schema(), []
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "state.json").unlink(missing_ok=True)      # the folder is not a dataset until closed
+        self.sink = pa.OSFile(str(self.folder / self.DATA_FILE), "wb")
+        self.writer = pa.ipc.new_stream(self.sink, self.schema)
+
+    def add(self, record: dict):
+        self.batch.append(record)
+        if len(self.batch) >= BATCH:
+            self._flush()
+
+    def _flush(self):
+        import pyarrow as pa
+        if self.batch:
+            self.writer.write_table(pa.Table.from_pylist(self.batch, schema=self.schema))
+            self.batch = []
+
+    def close(self):
+        import datasets
+        self._flush()
+        self.writer.close()
+        self.sink.close()
+        features = datasets.Features.from_arrow_schema(self.schema)
+        datasets.DatasetInfo(features=features).write_to_directory(str(self.folder))
+        size = (self.folder / self.DATA_FILE).stat().st_size
+        state = {"_data_files": [{"filename": self.DATA_FILE}], "_fingerprint": f"{size:016x}",
+                 "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
+                 "_split": None}
+        (self.folder / "state.json").write_text(json.dumps(state, indent=2))
 
 
 def write(records: Iterable[dict], path: str, output_format: str = "hf", output_type: str = "jsonl",
@@ -78,7 +115,7 @@ def _write_parquet(rows: Iterator[dict], target: Path, output_format: str):
     import pyarrow.parquet as pq
     first = list(itertools.islice(rows, BATCH))
     if output_format == "hf" and first and all(tuple(r) == RAFT_FIELDS for r in first):
-        schema = raft_features().arrow_schema
+        schema = raft_arrow_schema()
     else:
         first += list(rows)             # other fields: their types are read off every record
         schema = pa.Table.from_pylist(first).schema

@@ -175,6 +175,7 @@ class RateLimiter:
 
     def __init__(self, rpm: int, tpm: int, period: float = 60.0):
         self.rpm, self.tpm, self.period = rpm, tpm, period
+        self.active = bool(rpm or tpm)
         self.window: collections.deque = collections.deque()    # [start_time, tokens] entries
         self.lock = asyncio.Lock()
 
@@ -417,18 +418,23 @@ class ChatClient:
                 choice.get("finish_reason") == "length")
 
     async def _complete_all(self, requests, desc) -> list[ChatResult]:
-        """Every request at once through complete(): max_in_flight of them are sent at a time, in order."""
+        """max_in_flight workers share one iterator over the requests, each taking the next one when free (fewer
+        tasks and waiters than one task per request: measurably less client CPU at hundreds of requests/s)."""
+        results: list[Optional[ChatResult]] = [None] * len(requests)
+        todo = iter(enumerate(requests))
         with tqdm(total=len(requests), desc=desc, unit="req", dynamic_ncols=True) as bar:
-            async def one(messages, params):
-                result = await self.complete(messages, params)
-                if bar.update(1):   # True when redrawn: only then is the token count worth formatting
-                    bar.set_postfix(tokens=self.usage.prompt_tokens + self.usage.completion_tokens, refresh=False)
-                return result
-            return list(await asyncio.gather(*(one(messages, params) for messages, params in requests)))
+            async def worker():
+                for index, (messages, params) in todo:
+                    results[index] = await self.complete(messages, params)
+                    if bar.update(1):   # True when redrawn: only then is the token count worth formatting
+                        bar.set_postfix(tokens=self.usage.prompt_tokens + self.usage.completion_tokens, refresh=False)
+            await asyncio.gather(*(worker() for _ in range(min(self.max_in_flight, len(requests)))))
+        return results
 
     async def _complete_one(self, http, key, messages, params) -> ChatResult:
         body = {"model": self.model, "messages": list(messages), **params}
-        estimate = len(json.dumps(messages)) // 4 + int(params.get("max_tokens", 0))
+        # The token estimate costs a JSON dump: only worth it when a rate limit is set.
+        estimate = len(json.dumps(messages)) // 4 + int(params.get("max_tokens", 0)) if self._limiter.active else None
         try:
             text, prompt_tokens, completion_tokens, truncated = await self._send_with_retries(
                 http, "POST", None, "/chat/completions", body, self._parse_chat, estimate=estimate)

@@ -13,9 +13,11 @@ import argparse
 import asyncio
 import collections
 import hashlib
+import importlib
 import json
+import os
 import sys
-import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -160,19 +162,16 @@ def drop_reason(stage: str, result: ChatResult) -> str:
 
 
 def write_outputs(stream: Path, cfg, client, stats) -> Path:
-    """The outputs, from the records streamed to `stream`: the Hugging Face dataset (save_to_disk), the converted
-    file and raft_run.json (the settings and counts). Arrow and Parquet are written in batches, so memory does not
-    grow with the number of records."""
-    import datasets     # slow to import: only when there is something to write
+    """The converted file from the records streamed to `stream` (raft.py's own format and JSONL: the stream itself,
+    renamed), and raft_run.json (the settings and counts)."""
     output = Path(cfg["output"])
-    with tempfile.TemporaryDirectory() as arrow_cache:      # a cache of its own: never an earlier run's records
-        dataset = datasets.Dataset.from_generator(formats.iter_jsonl, gen_kwargs={"path": str(stream)},
-                                                  features=formats.raft_features(), cache_dir=arrow_cache)
-        dataset.save_to_disk(str(output))
-        del dataset
-    target = formats.write(formats.iter_jsonl(str(stream)), str(output / "raft"), cfg["output_format"],
-                           cfg["output_type"], cfg["output_chat_system_prompt"])
-    stream.unlink()
+    if cfg["output_format"] == "hf" and cfg["output_type"] == "jsonl":
+        target = formats.output_file(str(output / "raft"), "jsonl")
+        os.replace(stream, target)
+    else:
+        target = formats.write(formats.iter_jsonl(str(stream)), str(output / "raft"), cfg["output_format"],
+                               cfg["output_type"], cfg["output_chat_system_prompt"])
+        stream.unlink()
     run_settings = {
         "tool": "raft-toolkit", "version": TOOLKIT_VERSION, "teacher_model": client.model,
         "endpoints": [public_host(u) for u in client.urls], "seed": cfg["seed"], "config": cfg,
@@ -205,10 +204,11 @@ def print_summary(stats, client, target, skipped, seconds):
 
 def generate(client, cfg, chunks, asked, assembly, stream: Path, stats):
     """Window after window: the teacher's questions and answers for the window's chunks, then its records,
-    appended to `stream`. Memory is bounded by the window (window_chunks), not by the corpus; any window size
+    appended to `stream` and to the Hugging Face dataset in the output folder. Memory is bounded by the window (window_chunks), not by the corpus; any window size
     gives the same records."""
     pipeline = Pipeline(client, cfg, chunks, stats)
     assembler = Assembler(chunks, assembly, cfg["seed"])
+    dataset = formats.DatasetWriter(Path(cfg["output"]))      # the Hugging Face dataset, beside the JSONL
     size = cfg["window_chunks"]
     with open(stream, "w", encoding="utf-8") as out, \
             tqdm(total=len(asked), desc="chunks", unit="chunk", dynamic_ncols=True) as progress:
@@ -216,10 +216,12 @@ def generate(client, cfg, chunks, asked, assembly, stream: Path, stats):
             qas = client.run(pipeline.window(range(start, min(start + size, len(asked))), progress))
             for record in assembler.records(qas):
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                dataset.add(record)
                 stats["examples"] += 1
                 stats["oracle-free"] += not record["oracle_present"] and record["id"].startswith("seed")
                 stats["refusal"] += record["id"].startswith("refusal")
             out.flush()
+    dataset.close()
 
 
 def run(args) -> int:
@@ -245,6 +247,9 @@ def run(args) -> int:
     client = client_from_config(cfg, args, args.url or [DEFAULT_URL], cfg["model"],
                                 cfg["cache_path"] or str(output / "llm_cache.sqlite"))
     stream = output / "raft_records.partial.jsonl"
+    # The datasets library takes about 0.7 s to import and is needed only to finish the dataset folder: import it
+    # while the run waits on the teacher.
+    threading.Thread(target=importlib.import_module, args=("datasets",), daemon=True).start()
     try:
         connect(client, args)
         print(f"teacher {client.model} at {', '.join(public_host(u) for u in client.urls)}; "

@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Iterator, Optional
 from urllib.parse import urlsplit
 
-import httpx
-from bs4 import BeautifulSoup
 from langchain_core.document_loaders import BaseLoader
 from langchain_core.documents import Document
 from langchain_community.document_loaders.text import TextLoader
@@ -28,6 +26,7 @@ class InputError(Exception):
 def html_to_text(html: str) -> str:
     """Visible text of a page without its navigation: nav, header and link lists (div[role=list]) go,
     as do scripts and styles; blank lines are dropped."""
+    from bs4 import BeautifulSoup      # imported here, as httpx below: only HTML and sitemaps need them
     soup = BeautifulSoup(html, "lxml")
     for element in soup.select("nav, header, div[role=list], script, style, noscript"):
         element.decompose()
@@ -82,6 +81,7 @@ def load_folder(folder: str, report: LoadReport):
 
 
 def sitemap_urls(xml_path: str) -> list[str]:
+    from bs4 import BeautifulSoup
     try:
         soup = BeautifulSoup(Path(xml_path).read_bytes(), "xml")
     except OSError:
@@ -112,6 +112,7 @@ async def fetch_pages(urls: list[str], verify_ssl: bool, timeout: float, concurr
     """(page text or None, why not) per URL. Retried like the teacher's requests: on 408, 429, 5xx, timeouts and
     connection errors, after the server's Retry-After when it sends a well-formed one, else after a doubling
     backoff; any other HTTP error at once."""
+    import httpx
     from llm_client import retry_after_seconds
     gate = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(verify=verify_ssl, timeout=timeout, follow_redirects=True) as http:

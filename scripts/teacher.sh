@@ -15,7 +15,7 @@
 #   TEACHER_MODEL [$TEACHER_MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf]
 #   TEACHER_PORT [8001]  TEACHER_ALIAS [smollm2-135m-instruct]
 #   TEACHER_THREADS [usable cores, nproc]  TEACHER_SLOTS [8 requests at once]
-#   TEACHER_CTX [16384 tokens of KV cache, shared by the slots]  TEACHER_START_TIMEOUT [120 s]
+#   TEACHER_CTX [32768 tokens of KV cache, split among the slots]  TEACHER_START_TIMEOUT [120 s]
 #   TEACHER_SERVER [cpp, or python: llama-cpp-python's server, after setup-python-server]
 set -euo pipefail
 cd "$(dirname "$0")/.."   # all paths below are relative to the repo root
@@ -39,9 +39,11 @@ ALIAS="${TEACHER_ALIAS:-smollm2-135m-instruct}"
 # One thread per usable core (nproc honours CPU affinity and container limits): more threads than cores make
 # llama.cpp's spinning workers fight over them and generation slows down many times over.
 THREADS="${TEACHER_THREADS:-$(nproc)}"
-# Requests decoded together: measured on 2 cores (bench/generation.py), 8 slots gave the most tokens/s.
+# Requests decoded together, each with its own part of the KV cache (CTX / SLOTS tokens: 4096, room for a prompt
+# and an answer retried with twice its budget). Of 1, 4 and 8 slots, and 8 sharing one cache, 8 separate slots
+# were fastest on raft.py's workload on 2 cores (README, "Benchmarks").
 SLOTS="${TEACHER_SLOTS:-8}"
-CTX="${TEACHER_CTX:-16384}"
+CTX="${TEACHER_CTX:-32768}"
 START_TIMEOUT="${TEACHER_START_TIMEOUT:-120}"
 SERVER="${TEACHER_SERVER:-cpp}"
 RUN_DIR=".run"
@@ -141,9 +143,10 @@ server_command() {
     SERVER_CMD=("$PY" -m llama_cpp.server --model "$MODEL" --model_alias "$ALIAS" --host 127.0.0.1 --port "$PORT"
                 --n_ctx 8192 --n_threads "$THREADS")
   else
-    # --kv-unified: the slots share one KV cache of $CTX tokens, so one long request can use most of it.
+    # Separate KV caches per slot: a shared one (--kv-unified) makes every sequence's attention scan the others'
+    # cells too, and measured 13% slower here.
     SERVER_CMD=("$SERVER_BIN" --model "$MODEL" --alias "$ALIAS" --host 127.0.0.1 --port "$PORT" --ctx-size "$CTX"
-                --parallel "$SLOTS" --kv-unified --threads "$THREADS" --no-webui)
+                --parallel "$SLOTS" --threads "$THREADS" --no-webui)
   fi
 }
 
