@@ -58,15 +58,20 @@ def test_depth_larger_than_the_corpus_returns_every_chunk_once(topic_chunks, tmp
         assert sorted(retriever.rank(["eruption"], depth=50)[0]) == list(range(len(topic_chunks))), kind
 
 
+def dense_index(chunks, cache_dir):
+    """The dense index itself, not wrapped in the query rewriter."""
+    return build_retrievers(chunks, ["dense"], cache_dir=str(cache_dir), settings=SearchSettings(query_rewrite=False))["dense"]
+
+
 def test_dense_scores_are_cosine(topic_chunks, tmp_path):
-    dense = build_retrievers(topic_chunks, ["dense"], cache_dir=str(tmp_path))["dense"]
+    dense = dense_index(topic_chunks, tmp_path)
     vectors = dense.index.reconstruct_n(0, dense.index.ntotal)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)   # unit vectors: inner product = cosine
 
 
 def test_a_second_build_reads_the_cache_and_a_foreign_file_is_never_unpickled(topic_chunks, tmp_path):
-    first = build_retrievers(topic_chunks, ["dense"], cache_dir=str(tmp_path))["dense"]
-    second = build_retrievers(topic_chunks, ["dense"], cache_dir=str(tmp_path))["dense"]
+    first = dense_index(topic_chunks, tmp_path)
+    second = dense_index(topic_chunks, tmp_path)
     assert not first.from_cache and second.from_cache
     assert np.array_equal(first.index.reconstruct_n(0, 6), second.index.reconstruct_n(0, 6))
 
@@ -74,7 +79,7 @@ def test_a_second_build_reads_the_cache_and_a_foreign_file_is_never_unpickled(to
     key = header.stem
     np.save(tmp_path / f"{key}.npy", np.array([{"not": "vectors"}], dtype=object), allow_pickle=True)
     assert EmbeddingCache(str(tmp_path)).load(key, len(topic_chunks)) is None   # an object array is refused
-    third = build_retrievers(topic_chunks, ["dense"], cache_dir=str(tmp_path))["dense"]
+    third = dense_index(topic_chunks, tmp_path)
     assert not third.from_cache                                                 # embedded again, cache rewritten
     header.write_text(json.dumps({"key": "someone else's"}))
     assert EmbeddingCache(str(tmp_path)).load(key, len(topic_chunks)) is None
