@@ -461,8 +461,11 @@ def train(args, rank, world, device):
         if args.use_peft:
             model.peft_config["default"].save_pretrained(folder / "hf_meta" / "lora")
 
+    saved = {"step": None}          # the step last written: a step is never written twice (nor overwritten)
+
     def save():
         checkpoints.save(folder, model, optimizer, {**position, "shape": vars(shape)}, rank, args.keep_checkpoints)
+        saved["step"] = position["step"]
 
     for epoch in range(position["epoch"], args.num_epochs):
         order = epoch_order(len(train_rows), args.seed + epoch)
@@ -511,8 +514,8 @@ def train(args, rank, world, device):
                 write_metrics(folder, metrics)
             continue
         break        # max_steps reached inside the epoch
-    if position["rows"] and args.save_checkpoints:    # stopped inside an epoch: keep that point for --resume
-        save()
+    if position["rows"] and args.save_checkpoints and saved["step"] != position["step"]:
+        save()                     # stopped inside an epoch: keep that point for --resume
     peaks = [None] * world
     dist.all_gather_object(peaks, round(peak_memory_mb(device)))
     if rank == 0:

@@ -100,10 +100,14 @@ def test_ctrl_c_stops_an_answer_not_the_chat(server):
     while not server.requests and time.time() < deadline:      # the question has reached the server
         time.sleep(0.1)
     time.sleep(0.5)           # and the chat waits for the reply (once, on a loaded machine, a Ctrl-C sent at once was lost)
+    interrupted = time.time()
     session.send_signal(signal.SIGINT)
     out, err = session.communicate(QUESTION + "\n", timeout=120)
     assert session.returncode == 0, err
-    assert "(stopped)" in out and "bot> 128K tokens" in out and "Traceback" not in out + err
+    # Seen once in a full suite run and never reproduced alone or under load: the first answer arrived whole after
+    # its 30 s, as if the SIGINT had been lost; the time and stderr below say more if it happens again.
+    assert "(stopped)" in out and "bot> 128K tokens" in out and "Traceback" not in out + err, \
+        f"{time.time() - interrupted:.1f} s after the SIGINT; stdout: {out!r}; stderr: {err!r}"
 
 
 def test_model_path_runs_the_model_in_process(tiny_model, capsys):

@@ -132,6 +132,7 @@ def test_only_the_newest_checkpoints_are_kept_and_a_damaged_latest_is_one_line(t
     run = torchrun(*common(tiny_model, data, tmp_path / "ckpt", "--save_every", "1", "--max_steps", "4",
                            "--keep_checkpoints", "2"))
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "existing checkpoint" not in run.stderr          # the last step, saved by --save_every, is not saved again
     folder = tmp_path / "ckpt" / "fine-tuned"
     assert checkpoints.step_folders(folder) == ["step_3", "step_4"]
     assert json.loads((folder / "latest.json").read_text())["path"] == "step_4"
