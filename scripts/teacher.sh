@@ -17,6 +17,7 @@
 #   TEACHER_THREADS [usable cores, nproc]  TEACHER_SLOTS [8 requests at once]
 #   TEACHER_CTX [32768 tokens of KV cache, split among the slots]  TEACHER_START_TIMEOUT [120 s]
 #   TEACHER_SERVER [cpp, or python: llama-cpp-python's server, after setup-python-server]
+#   TEACHER_REPEAT_PENALTY [1.1: llama-server's penalty for requests that set none; the Python server's is 1.1]
 set -euo pipefail
 cd "$(dirname "$0")/.."   # all paths below are relative to the repo root
 
@@ -45,6 +46,10 @@ THREADS="${TEACHER_THREADS:-$(nproc)}"
 SLOTS="${TEACHER_SLOTS:-8}"
 CTX="${TEACHER_CTX:-32768}"
 START_TIMEOUT="${TEACHER_START_TIMEOUT:-120}"
+# llama-server applies no repetition penalty by default, llama-cpp-python's server 1.1. Without one, a small model
+# loops until max_tokens far more often: in the demo, 8 of 32 replies were cut and half the questions were lost to
+# loops and duplicates. 1.1 keeps the two servers' sampling the same (OpenAI clients send no repeat_penalty).
+REPEAT_PENALTY="${TEACHER_REPEAT_PENALTY:-1.1}"
 SERVER="${TEACHER_SERVER:-cpp}"
 RUN_DIR=".run"
 PID_FILE="$RUN_DIR/teacher-$PORT.pid"
@@ -141,12 +146,12 @@ cmd_setup-python-server() {
 server_command() {
   if [[ "$SERVER" == "python" ]]; then
     SERVER_CMD=("$PY" -m llama_cpp.server --model "$MODEL" --model_alias "$ALIAS" --host 127.0.0.1 --port "$PORT"
-                --n_ctx 8192 --n_threads "$THREADS")
+                --n_ctx 8192 --n_threads "$THREADS")     # its requests default to repeat_penalty 1.1
   else
     # Separate KV caches per slot: a shared one (--kv-unified) makes every sequence's attention scan the others'
     # cells too, and measured 13% slower here.
     SERVER_CMD=("$SERVER_BIN" --model "$MODEL" --alias "$ALIAS" --host 127.0.0.1 --port "$PORT" --ctx-size "$CTX"
-                --parallel "$SLOTS" --threads "$THREADS" --no-webui)
+                --parallel "$SLOTS" --threads "$THREADS" --repeat-penalty "$REPEAT_PENALTY" --no-webui)
   fi
 }
 
