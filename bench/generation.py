@@ -17,6 +17,7 @@
    second (started here unless --teacher-url is given).
 """
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -54,6 +55,21 @@ def wait_until_up(url: str, seconds: float = 30):
     raise SystemExit(f"server at {url} did not come up")
 
 
+@contextlib.contextmanager
+def loopback_server(delay: float):
+    """bench/loopback_server.py on a free port, answering every request after `delay` seconds; yields its URL."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "bench" / "loopback_server.py"), str(port), str(delay)],
+                              stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        wait_until_up(url)
+        yield url
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def prompts(n: int, tag: str) -> list[str]:
     return [f"[{tag}] Write one question about chunk {i}." for i in range(n)]
 
@@ -87,21 +103,13 @@ def time_reference(url: str, n: int) -> float:
 
 
 def loopback(n: int, delay: float, repeats: int):
-    port = free_port()
-    server = subprocess.Popen([sys.executable, str(ROOT / "bench" / "loopback_server.py"), str(port), str(delay)],
-                              stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        wait_until_up(url)
+    with loopback_server(delay) as url:
         rows = []
         for in_flight in (1, 8, 64):
             # One run at 1 in flight (it takes n x delay); the median of `repeats` for the short ones.
             seconds = time_project_client(url, n, in_flight, 1 if in_flight == 1 else repeats)
             rows.append((f"project client, {in_flight} in flight", in_flight, seconds))
         reference = time_reference(url, n)
-    finally:
-        server.terminate()
-        server.wait()
     print(f"\n== Loopback: {n} requests, server delay {delay * 1000:.0f} ms, unlimited server parallelism "
           f"(8 and 64 in flight: median of {repeats} runs)")
     print(f"{'client':34} {'seconds':>8} {'limit s':>8} {'of limit':>9} {'req/s':>7} {'vs reference':>13}")
@@ -129,25 +137,16 @@ def write_corpus(folder: Path, paragraphs: int, chars: int = 854) -> Path:
 def end_to_end(delay: float, chunks: int, in_flight: int):
     """raft.py as a user runs it (a new process: start-up, loading, the stages, writing the outputs) against the
     loopback server: wall time against the server-bound limit requests x delay / in flight."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, str(ROOT / "bench" / "loopback_server.py"), str(port), str(delay)],
-                              stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        wait_until_up(url)
-        with tempfile.TemporaryDirectory() as tmp:
-            corpus = write_corpus(Path(tmp) / "corpus", chunks)
-            cmd = [sys.executable, str(ROOT / "raft.py"), "-u", url, "-t", "4", "--data_dir", str(corpus),
-                   "--max_in_flight", str(in_flight), "-o", str(Path(tmp) / "out")]
-            started = time.perf_counter()
-            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            seconds = time.perf_counter() - started
-            if done.returncode:
-                raise SystemExit(f"raft.py failed:\n{done.stderr[-2000:]}")
-            sent = int(done.stdout.split("requests", 1)[1].split("sent", 1)[0])
-    finally:
-        server.terminate()
-        server.wait()
+    with loopback_server(delay) as url, tempfile.TemporaryDirectory() as tmp:
+        corpus = write_corpus(Path(tmp) / "corpus", chunks)
+        cmd = [sys.executable, str(ROOT / "raft.py"), "-u", url, "-t", "4", "--data_dir", str(corpus),
+               "--max_in_flight", str(in_flight), "-o", str(Path(tmp) / "out")]
+        started = time.perf_counter()
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        if done.returncode:
+            raise SystemExit(f"raft.py failed:\n{done.stderr[-2000:]}")
+        sent = int(done.stdout.split("requests", 1)[1].split("sent", 1)[0])
     limit = sent * delay / in_flight
     return seconds, sent, limit
 

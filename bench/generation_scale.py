@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from generation import free_port, wait_until_up, write_corpus  # noqa: E402
+from generation import loopback_server, write_corpus  # noqa: E402
 from llm_client import ResponseCache  # noqa: E402
 
 REQUESTS_PER_CHUNK = 5       # one question request, four answers (-t 4)
@@ -72,33 +72,24 @@ def main():
     p.add_argument("--window", type=int, default=2000, help="--window_chunks of raft.py")
     p.add_argument("--in_flight", type=int, default=64)
     args = p.parse_args()
-    port = free_port()
-    server = subprocess.Popen([sys.executable, str(ROOT / "bench" / "loopback_server.py"), str(port), "0"],
-                              stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        wait_until_up(url)
-        with tempfile.TemporaryDirectory() as tmp:
-            corpus = write_corpus(Path(tmp) / "corpus", args.chunks)
-            out = Path(tmp) / "out"
-            cmd = [sys.executable, str(ROOT / "raft.py"), "-u", url, "-t", "4", "--data_dir", str(corpus),
-                   "--max_in_flight", str(args.in_flight), "--window_chunks", str(args.window), "-o", str(out)]
-            cache = out / "llm_cache.sqlite"
-            expected = args.chunks * REQUESTS_PER_CHUNK
-            cold = run(cmd, cache, expected)
-            cold_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024    # the largest child so far
-            opened = time.perf_counter()
-            replies = ResponseCache(str(cache))
-            some_key = next(iter(replies.db.execute("SELECT key FROM replies LIMIT 1")))[0]
-            assert replies.get(some_key) is not None
-            open_seconds = time.perf_counter() - opened
-            count = len(replies)
-            replies.close()
-            warm = run(cmd, cache, expected)
-            records = sum(1 for _ in open(out / "raft.jsonl"))
-    finally:
-        server.terminate()
-        server.wait()
+    with loopback_server(0) as url, tempfile.TemporaryDirectory() as tmp:
+        corpus = write_corpus(Path(tmp) / "corpus", args.chunks)
+        out = Path(tmp) / "out"
+        cmd = [sys.executable, str(ROOT / "raft.py"), "-u", url, "-t", "4", "--data_dir", str(corpus),
+               "--max_in_flight", str(args.in_flight), "--window_chunks", str(args.window), "-o", str(out)]
+        cache = out / "llm_cache.sqlite"
+        expected = args.chunks * REQUESTS_PER_CHUNK
+        cold = run(cmd, cache, expected)
+        cold_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024    # the largest child so far
+        opened = time.perf_counter()
+        replies = ResponseCache(str(cache))
+        some_key = next(iter(replies.db.execute("SELECT key FROM replies LIMIT 1")))[0]
+        assert replies.get(some_key) is not None
+        open_seconds = time.perf_counter() - opened
+        count = len(replies)
+        replies.close()
+        warm = run(cmd, cache, expected)
+        records = sum(1 for _ in open(out / "raft.jsonl"))
 
     print(f"== raft.py -t 4 on {args.chunks:,} chunks, {args.in_flight} in flight, windows of {args.window} chunks, "
           "loopback server answering at once")

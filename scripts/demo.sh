@@ -2,8 +2,8 @@
 # The whole RAFT recipe on a laptop CPU, end to end, with the embedded SmolLM2-135M-Instruct as teacher, student,
 # baseline and judge. It shows the mechanics, not the quality: a 135M model is far too small to be a good teacher.
 #
-#   make demo                 # about 20 minutes on 2 cores after `make setup`
-#   make demo DEMO_ARGS=--quick   # a few questions and steps: under 10 minutes (the CI test runs this)
+#   make demo                 # about 6 to 8 minutes on 2 cores after `make setup` (README: measured stage times)
+#   make demo DEMO_ARGS=--quick   # a few questions and steps: about 4 minutes (the CI test runs this)
 #
 # Stages (each logs to $DEMO_DIR/logs/<stage>.log; a finished stage is reused when the script runs again with the
 # same settings, and a stage that runs again makes every later stage run again):

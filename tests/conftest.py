@@ -39,17 +39,25 @@ def corpus(tmp_path) -> Path:
     return write_corpus(tmp_path / "corpus")
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    """A randomly initialised 2-layer Llama saved as a Hugging Face folder, with SmolLM2's real tokenizer."""
+def save_random_llama(folder: Path, hidden_size: int, intermediate_size: int, num_hidden_layers: int,
+                      max_position_embeddings: int) -> Path:
+    """A randomly initialised Llama of the given shape (seed 0) saved as a Hugging Face folder, with SmolLM2's real
+    tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """2 layers of hidden 64: fast enough for every trainer and chat test."""
+    return save_random_llama(tmp_path_factory.mktemp("tiny-llama"), hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, max_position_embeddings=1024)

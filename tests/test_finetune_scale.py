@@ -13,7 +13,7 @@ import torch
 from finetune import checkpoints
 from finetune.finetuning import Shape, epoch_order, forward_loss_sum, step_micro_batches, steps_left, to_batch
 from finetune.raft_dataset import collate, encode, join_rows, load_records, pack, split_by_question
-from tests.conftest import GGUF, ROOT
+from tests.conftest import GGUF, ROOT, save_random_llama
 from tests.test_finetune import FINETUNE, common, torchrun, write_records
 
 
@@ -35,17 +35,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def deep_model(tmp_path_factory):
     """8 layers of hidden 256: at 3,000 tokens a step its activations (~0.5 GB in float32) dwarf its weights."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    folder = tmp_path_factory.mktemp("deep-llama")
-    tokenizer = AutoTokenizer.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_random_llama(tmp_path_factory.mktemp("deep-llama"), hidden_size=256, intermediate_size=1024,
+                             num_hidden_layers=8, max_position_embeddings=4096)
 
 
 def write_long_records(path, n=4):
