@@ -17,6 +17,7 @@ The web page (web_chat.py) and the endpoint (rag_server.py) are described in the
 import argparse
 import json
 import os
+import signal
 import sys
 
 from assistant import Assistant, open_model
@@ -105,6 +106,9 @@ def one_shot(assistant, model, args) -> int:
 
 
 def interactive(assistant, model, args) -> int:
+    # Ctrl-C must stop an answer even when the chat was started with SIGINT ignored (from a background job or a
+    # script, which Python then leaves ignored): this mode promises it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"RAFT chat with {model.name} ({model.where}; {assistant.describe()}). Ctrl-D or 'exit' quits, "
           "Ctrl-C stops an answer.")
     while True:

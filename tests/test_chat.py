@@ -92,8 +92,10 @@ def test_interactive_session_survives_empty_lines_and_a_failing_server(server):
 
 
 def test_ctrl_c_stops_an_answer_not_the_chat(server):
+    """Also when the chat inherits SIGINT ignored, as a process started from a background job does (the suite
+    failed here when it was itself started in the background)."""
     server.script = lambda body, n: Reply(content=COT, delay=30 if n == 0 else 0)
-    session = interactive(server, None)
+    session = interactive(server, None, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     session.stdin.write(QUESTION + "\n")
     session.stdin.flush()
     deadline = time.time() + 60
@@ -104,8 +106,6 @@ def test_ctrl_c_stops_an_answer_not_the_chat(server):
     session.send_signal(signal.SIGINT)
     out, err = session.communicate(QUESTION + "\n", timeout=120)
     assert session.returncode == 0, err
-    # Seen once in a full suite run and never reproduced alone or under load: the first answer arrived whole after
-    # its 30 s, as if the SIGINT had been lost; the time and stderr below say more if it happens again.
     assert "(stopped)" in out and "bot> 128K tokens" in out and "Traceback" not in out + err, \
         f"{time.time() - interrupted:.1f} s after the SIGINT; stdout: {out!r}; stderr: {err!r}"
 
