@@ -84,12 +84,43 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity, which containers and taskset narrow), at least 1."""
+def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """Cores this process may run on, at least 1: its CPU affinity (taskset, cpusets), capped by a container's CPU
+    quota (docker --cpus, Kubernetes CPU limits), which leaves the affinity at every core of the host."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:          # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root)
+    return max(1, min(cores, quota) if quota else cores)
+
+
+def cgroup_cpu_quota(root: Path) -> Optional[int]:
+    """Whole cores the CPU quota of this process's cgroup allows (rounded down: threads beyond the quota are
+    throttled), or None without a quota. cgroup v2 (cpu.max: "QUOTA PERIOD" or "max PERIOD"), then v1."""
+    candidates = [(root / cgroup_path() / "cpu.max", None), (root / "cpu.max", None),
+                  (root / "cpu" / "cpu.cfs_quota_us", root / "cpu" / "cpu.cfs_period_us")]
+    for first, period_file in candidates:
+        try:
+            fields = first.read_text().split()
+            quota, period = (fields[0], period_file.read_text().split()[0]) if period_file else fields[:2]
+            if quota in ("max", "-1"):
+                return None
+            return max(1, int(quota) // int(period))
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+def cgroup_path() -> str:
+    """This process's cgroup v2 path (relative), from /proc/self/cgroup's "0::/path" line; "" if unknown."""
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                return line[3:].lstrip("/")
+    except OSError:
+        pass
+    return ""
 
 
 def threads_per_process(processes: int) -> int:

@@ -14,7 +14,7 @@
 #   TEACHER_DIR [.venv-teacher]  TEACHER_MODEL_DIR [models]
 #   TEACHER_MODEL [$TEACHER_MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf]
 #   TEACHER_PORT [8001]  TEACHER_ALIAS [smollm2-135m-instruct]
-#   TEACHER_THREADS [usable cores, nproc]  TEACHER_SLOTS [8 requests at once]
+#   TEACHER_THREADS [usable cores: python3 hardware.py --threads]  TEACHER_SLOTS [8 requests at once]
 #   TEACHER_CTX [32768 tokens of KV cache, split among the slots]  TEACHER_START_TIMEOUT [120 s]
 #   TEACHER_SERVER [cpp, or python: llama-cpp-python's server, after setup-python-server]
 #   TEACHER_REPEAT_PENALTY [1.1: llama-server's penalty for requests that set none; the Python server's is 1.1]
@@ -37,9 +37,10 @@ BUILD_DIR="$DIR/llama.cpp-build"
 SERVER_BIN="$BUILD_DIR/bin/llama-server"
 PORT="${TEACHER_PORT:-8001}"
 ALIAS="${TEACHER_ALIAS:-smollm2-135m-instruct}"
-# One thread per usable core (nproc honours CPU affinity and container limits): more threads than cores make
-# llama.cpp's spinning workers fight over them and generation slows down many times over.
-THREADS="${TEACHER_THREADS:-$(nproc)}"
+# One thread per usable core (hardware.py: the CPU affinity, capped by a container's CPU quota, which nproc does
+# not see): more threads than cores make llama.cpp's spinning workers fight over them and generation slows down
+# many times over.
+THREADS="${TEACHER_THREADS:-$(python3 hardware.py --threads 2>/dev/null || nproc)}"
 # Requests decoded together, each with its own part of the KV cache (CTX / SLOTS tokens: 4096, room for a prompt
 # and an answer retried with twice its budget). Of 1, 4 and 8 slots, and 8 sharing one cache, 8 separate slots
 # were fastest on raft.py's workload on 2 cores (README, "Benchmarks").

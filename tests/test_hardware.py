@@ -70,10 +70,30 @@ def test_the_trainer_flag_follows_the_same_rule(no_gpu, monkeypatch):
     assert choose_precision(args, cpu)[0] == "bfloat16"
 
 
-def test_threads_share_the_usable_cores(monkeypatch):
+def test_threads_share_the_usable_cores(monkeypatch, tmp_path):
     monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    monkeypatch.setattr(hardware, "cgroup_cpu_quota", lambda root: None)
     assert hardware.usable_cores() == 8
     assert hardware.threads_per_process(2) == 4 and hardware.threads_per_process(16) == 1
+
+
+@pytest.mark.parametrize("files, cores", [
+    ({"cpu.max": "max 100000\n"}, 8),                                    # cgroup v2, no quota
+    ({"cpu.max": "250000 100000\n"}, 2),                                 # docker --cpus 2.5: 2 whole cores
+    ({"cpu.max": "50000 100000\n"}, 1),                                  # half a core: still 1
+    ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4),   # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, 8),       # v1, no quota
+    ({}, 8),                                                              # no cgroup files at all
+])
+def test_a_container_cpu_quota_caps_the_cores(monkeypatch, tmp_path, files, cores):
+    """A container limited by quota still sees every host core in its affinity: 64 threads on a 2-CPU quota
+    would be throttled most of the time."""
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(hardware, "cgroup_path", lambda: "")
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert hardware.usable_cores(tmp_path) == cores
 
 
 def test_the_command_line_prints_the_decision():
