@@ -27,13 +27,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def scripted(body, n):
+def scripted(body, n, answer=Reply(content=COT, piece_delay=0.08)):
+    """The model: a refusal for the weather, HTTP 500 for a crash, else `answer` (streamed slowly enough to see)."""
     question = body["messages"][-1]["content"].strip().splitlines()[-1]
     if "weather" in question:
         return Reply(content=f"None of the documents is about it.\n<ANSWER>: {REFUSAL}")
     if "crash" in question:
         return Reply(status=500)
-    return Reply(content=COT, piece_delay=0.08)
+    return answer
 
 
 @pytest.fixture(scope="module")

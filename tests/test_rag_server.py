@@ -13,18 +13,14 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.fake_server import FakeOpenAI, Reply
-from tests.test_chat_web import ANSWER, COT, REFUSAL, free_port
+from tests.test_chat_web import ANSWER, COT, REFUSAL, free_port, scripted as web_scripted
 
 KEY = "rag-secret"
 
 
 def scripted(body, n):
-    question = body["messages"][-1]["content"].strip().splitlines()[-1]
-    if "weather" in question:
-        return Reply(content=f"Nothing about it.\n<ANSWER>: {REFUSAL}")
-    if "crash" in question:
-        return Reply(status=500)
-    return Reply(content=COT, delay=0.3)
+    """The web chat's scripted model, each answer taking 0.3 s."""
+    return web_scripted(body, n, answer=Reply(content=COT, delay=0.3))
 
 
 @pytest.fixture(scope="module")
