@@ -2,6 +2,7 @@
 that streams its replies slowly: the answer appears while it is written, the sources open, a refusal becomes a
 hand-off in the page and in the hand-off log, a thumbs up lands in the feedback log, a failing server shows an
 error and the page keeps working."""
+import contextlib
 import json
 import os
 import shutil
@@ -37,6 +38,27 @@ def scripted(body, n, answer=Reply(content=COT, piece_delay=0.08)):
     return answer
 
 
+@contextlib.contextmanager
+def running_chat(fake, port: int, *flags, env: dict = {}):
+    """chat.py with `flags` (--web or --serve) on `port`, over the scripted model `fake`, until the block ends."""
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "chat.py"), "-u", fake.url, "--retriever", "bm25", "-r", "3", "--port", str(port),
+         *flags], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and server.poll() is None:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        assert server.poll() is None, server.stdout.read()
+        yield server
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def page_url(tmp_path_factory):
     if not os.path.exists(CHROMIUM):
@@ -45,25 +67,9 @@ def page_url(tmp_path_factory):
     port = free_port()
     with FakeOpenAI(models=("raft-student",)) as fake:
         fake.script = scripted
-        server = subprocess.Popen(
-            [sys.executable, str(ROOT / "chat.py"), "-u", fake.url, "--retriever", "bm25", "-r", "3", "--web",
-             "--port", str(port), "--handoff_log", str(folder / "handoffs.jsonl"),
-             "--feedback_log", str(folder / "feedback.jsonl")],
-            cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while time.time() < deadline and server.poll() is None:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.3)
-        assert server.poll() is None, server.stdout.read()
-        try:
-            yield url, folder
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        with running_chat(fake, port, "--web", "--handoff_log", str(folder / "handoffs.jsonl"),
+                          "--feedback_log", str(folder / "feedback.jsonl")):
+            yield f"http://127.0.0.1:{port}", folder
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,13 @@
 """The RAG endpoint (chat.py --serve) through the openai package, unchanged: completions streamed and not, the
 sources and hand-off in extra fields, 401 for a wrong key, 400 for a malformed request, and 16 requests at once."""
 import concurrent.futures
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT
 from tests.fake_server import FakeOpenAI, Reply
-from tests.test_chat_web import ANSWER, COT, REFUSAL, free_port, scripted as web_scripted
+from tests.test_chat_web import ANSWER, COT, REFUSAL, free_port, running_chat, scripted as web_scripted
 
 KEY = "rag-secret"
 
@@ -28,23 +22,8 @@ def endpoint():
     port = free_port()
     with FakeOpenAI(models=("raft-student",)) as fake:
         fake.script = scripted
-        server = subprocess.Popen(
-            [sys.executable, str(ROOT / "chat.py"), "-u", fake.url, "--retriever", "bm25", "-r", "3", "--serve",
-             "--port", str(port), "--concurrency", "16"],
-            cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "RAG_SERVER_API_KEY": KEY},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline and server.poll() is None:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.2)
-        assert server.poll() is None, server.stdout.read()
-        try:
+        with running_chat(fake, port, "--serve", "--concurrency", "16", env={"RAG_SERVER_API_KEY": KEY}):
             yield f"http://127.0.0.1:{port}/v1", fake
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
 
 
 def client(url, key=KEY):
