@@ -181,7 +181,7 @@ class RateLimiter:
 
     async def acquire(self, estimate_tokens) -> Optional[list]:
         """Wait for room in both windows; `estimate_tokens()` is only called when a limit is set."""
-        if not (self.rpm or self.tpm):
+        if not self.active:
             return None
         estimated_tokens = estimate_tokens()
         async with self.lock:

@@ -204,8 +204,8 @@ def print_summary(stats, client, target, skipped, seconds):
 
 def generate(client, cfg, chunks, asked, assembly, stream: Path, stats):
     """Window after window: the teacher's questions and answers for the window's chunks, then its records,
-    appended to `stream` and to the Hugging Face dataset in the output folder. Memory is bounded by the window (window_chunks), not by the corpus; any window size
-    gives the same records."""
+    appended to `stream` and to the Hugging Face dataset in the output folder. Memory is bounded by the window
+    (window_chunks), not by the corpus; any window size gives the same records."""
     pipeline = Pipeline(client, cfg, chunks, stats)
     assembler = Assembler(chunks, assembly, cfg["seed"])
     dataset = formats.DatasetWriter(Path(cfg["output"]))      # the Hugging Face dataset, beside the JSONL

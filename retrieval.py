@@ -139,13 +139,17 @@ class QueryRewriter:
         self.by_length: dict[int, list[str]] = {}
         for word in sorted(self.known):
             self.by_length.setdefault(len(word), []).append(word)
+        self.corrections: dict[str, Optional[str]] = {}     # each unknown word is looked up once per rewriter
 
-    @lru_cache(maxsize=100_000)
     def correct(self, word: str) -> Optional[str]:
         """The corpus word nearest to one it never uses (among words of about its length), if near enough."""
-        candidates = [w for n in range(len(word) - 2, len(word) + 3) for w in self.by_length.get(n, ())]
-        close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.85)
-        return close[0] if close else None
+        if word not in self.corrections:
+            if len(self.corrections) >= 100_000:      # a long-running chat server: bounded, as words keep coming
+                self.corrections.clear()
+            candidates = [w for n in range(len(word) - 2, len(word) + 3) for w in self.by_length.get(n, ())]
+            close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.85)
+            self.corrections[word] = close[0] if close else None
+        return self.corrections[word]
 
     def rewrite(self, query: str) -> str:
         words, added = [], []
