@@ -33,6 +33,7 @@ A user error (bad data, a context too short) is printed once, by the first rank 
 exits: torchrun stops the other processes as soon as one exits.
 """
 import argparse
+import faulthandler
 import json
 import math
 import os
@@ -525,6 +526,7 @@ def train(args, rank, world, device):
             tracker.finish()
         print(f"done: step {position['step']}, checkpoints in {folder}, metrics in {folder / 'metrics.json'}; "
               f"peak memory per rank {', '.join(f'{p} MB' for p in peaks)}", flush=True)
+    dist.barrier()       # every rank leaves together: none tears down its process group while another still works
 
 
 def say_once(message: str, rank: int):
@@ -542,6 +544,9 @@ def say_once(message: str, rank: int):
 
 
 def main(argv=None) -> int:
+    # A rank that dies of a signal (SIGSEGV, SIGABRT from the C++ runtime) prints where its Python threads were:
+    # on a cluster, that stack is the only trace of what stopped the run.
+    faulthandler.enable()
     args = parse_args(argv)
     rank, world, device = init_distributed(args.cpu_threads)
     try:

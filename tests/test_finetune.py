@@ -29,6 +29,12 @@ def torchrun(*args, nproc=2, timeout=600):
                            FINETUNE, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def failure(run) -> str:
+    """What a failed torchrun printed: the last log lines, and the end of stderr, where a rank that died of a
+    signal has its Python stack (the trainer enables faulthandler) before torchrun's own summary."""
+    return f"stdout: ...{run.stdout[-1500:]}\nstderr: ...{run.stderr[-8000:]}"
+
+
 def common(model, data, root, *extra):
     return ["--enable_fsdp", "--model_name", str(model), "--dataset", "raft", "--data_path", data,
             "--dist_checkpoint_root_folder", str(root), "--dist_checkpoint_folder", "fine-tuned",
@@ -38,7 +44,7 @@ def common(model, data, root, *extra):
 def test_two_rank_fsdp_run_overfits_and_writes_metrics(tiny_model, tmp_path):
     data = write_records(tmp_path / "raft.jsonl")
     run = torchrun(*common(tiny_model, data, tmp_path / "ckpt", "--num_epochs", "4", "--batching_strategy", "padding"))
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, failure(run)
     folder = tmp_path / "ckpt" / "fine-tuned"
     metrics = json.loads((folder / "metrics.json").read_text())
     losses = [m["train_loss"] for m in metrics["steps"]]
@@ -53,11 +59,11 @@ def test_two_rank_fsdp_run_overfits_and_writes_metrics(tiny_model, tmp_path):
 def test_resume_reproduces_the_uninterrupted_losses(tiny_model, tmp_path):
     data = write_records(tmp_path / "raft.jsonl", n=16)
     straight = torchrun(*common(tiny_model, data, tmp_path / "a", "--num_epochs", "2", "--max_steps", "8"))
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert straight.returncode == 0, failure(straight)
     first = torchrun(*common(tiny_model, data, tmp_path / "b", "--num_epochs", "2", "--max_steps", "2"))   # mid-epoch
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0, failure(first)
     resumed = torchrun(*common(tiny_model, data, tmp_path / "b", "--num_epochs", "2", "--max_steps", "8", "--resume"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure(resumed)
     assert "resumed from" in resumed.stdout
     metrics = lambda root: json.loads((root / "fine-tuned" / "metrics.json").read_text())
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
@@ -68,7 +74,7 @@ def test_resume_reproduces_the_uninterrupted_losses(tiny_model, tmp_path):
 def test_conversion_round_trip_loads_and_generates(tiny_model, tmp_path):
     data = write_records(tmp_path / "raft.jsonl")
     run = torchrun(*common(tiny_model, data, tmp_path / "ckpt", "--max_steps", "2"))
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, failure(run)
     out = tmp_path / "hf"
     done = subprocess.run([sys.executable, str(ROOT / "finetune" / "checkpoint_converter.py"), "--fsdp_checkpoint_path",
                            str(tmp_path / "ckpt" / "fine-tuned"), "--consolidated_model_path", str(out),
@@ -130,7 +136,7 @@ def test_smoke_real_smollm2_from_its_gguf(tmp_path):
     run = torchrun("--enable_fsdp", "--model_name", str(GGUF), "--data_path", data, "--context_length", "256",
                    "--max_steps", "1", "--run_validation", "False", "--dist_checkpoint_root_folder", str(tmp_path / "c"),
                    "--dist_checkpoint_folder", "smollm2", "--log_every", "1")
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, failure(run)
     [step] = json.loads((tmp_path / "c" / "smollm2" / "metrics.json").read_text())["steps"]
     assert 0 < step["train_loss"] < 10          # a trained model: far below ln(49152) = 10.8 of a random one
 
@@ -140,7 +146,7 @@ def test_lora_trains_only_the_adapter_and_converts_to_adapter_and_merged_model(t
     run = torchrun(*common(tiny_model, data, tmp_path / "ckpt", "--num_epochs", "5", "--use_peft", "--peft_method",
                            "lora", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.0", "--lr", "3e-2",
                            "--lora_target_modules", "q_proj", "v_proj", "up_proj", "down_proj"))
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, failure(run)
     assert "parameters trained (LoRA)" in run.stdout
     losses = [m["train_loss"] for m in json.loads((tmp_path / "ckpt" / "fine-tuned" / "metrics.json").read_text())["steps"]]
     assert losses[-1] < losses[0] - 0.5          # a random tiny model learns slowly through rank-8 adapters
@@ -170,6 +176,6 @@ def test_validation_counts_every_row_even_fewer_than_ranks(tiny_model, tmp_path)
     data = write_records(tmp_path / "raft.jsonl", n=8)         # val_split 0.2: 1 validation row, 2 ranks
     run = torchrun(*common(tiny_model, data, tmp_path / "ckpt", "--val_split", "0.2", "--max_steps", "3",
                            "--save_checkpoints", "False"))
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, failure(run)
     [epoch] = json.loads((tmp_path / "ckpt" / "fine-tuned" / "metrics.json").read_text())["epochs"]
     assert epoch["val_loss"] == epoch["val_loss"] and epoch["val_loss"] > 0      # not NaN

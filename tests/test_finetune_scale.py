@@ -14,7 +14,7 @@ from finetune import checkpoints
 from finetune.finetuning import Shape, epoch_order, forward_loss_sum, step_micro_batches, steps_left, to_batch
 from finetune.raft_dataset import collate, encode, join_rows, load_records, pack, split_by_question
 from tests.conftest import GGUF, ROOT, save_random_llama
-from tests.test_finetune import FINETUNE, common, torchrun, write_records
+from tests.test_finetune import FINETUNE, common, failure, torchrun, write_records
 
 
 def metrics_of(root, folder="fine-tuned"):
@@ -59,7 +59,7 @@ def test_gradient_checkpointing_recomputes_on_every_rank(deep_model, tmp_path):
         run = torchrun(*common(deep_model, data, root, "--context_length", "2048", "--batching_strategy", "padding",
                                "--run_validation", "False", "--max_steps", "1", "--mixed_precision", "False",
                                "--save_checkpoints", "False", *flag))
-        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.returncode == 0, failure(run)
         peaks[bool(flag)] = metrics_of(root)["peak_memory_mb_per_rank"]
     assert len(peaks[True]) == 2
     for rank, (without, with_gc) in enumerate(zip(peaks[False], peaks[True])):
@@ -75,7 +75,7 @@ def test_validation_loss_is_the_eval_mode_loss_with_lora_dropout(tiny_model, tmp
     run = torchrun(*common(tiny_model, data, tmp_path / "ckpt", "--num_epochs", "1", "--use_peft", "--lora_dropout",
                            "0.5", "--lr", "3e-2", "--lora_target_modules", "q_proj", "v_proj", "up_proj",
                            "--batching_strategy", "padding", "--mixed_precision", "False"))
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, failure(run)
     [epoch] = metrics_of(tmp_path / "ckpt")["epochs"]
     out = tmp_path / "hf"
     done = subprocess.run([sys.executable, str(ROOT / "finetune" / "checkpoint_converter.py"), "--fsdp_checkpoint_path",
@@ -122,7 +122,7 @@ def test_only_the_newest_checkpoints_are_kept_and_a_damaged_latest_is_one_line(t
     data = write_records(tmp_path / "raft.jsonl", n=16)
     run = torchrun(*common(tiny_model, data, tmp_path / "ckpt", "--save_every", "1", "--max_steps", "4",
                            "--keep_checkpoints", "2"))
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, failure(run)
     assert "existing checkpoint" not in run.stderr          # the last step, saved by --save_every, is not saved again
     folder = tmp_path / "ckpt" / "fine-tuned"
     assert checkpoints.step_folders(folder) == ["step_3", "step_4"]
@@ -174,13 +174,13 @@ def test_resuming_on_another_number_of_ranks_continues_the_same_data(tiny_model,
                                  "--mixed_precision", "False", "--cpu_threads", "1")
     straight = torchrun(*common(tiny_model, data, tmp_path / "a", "--num_epochs", "2", "--max_steps", "9",
                                 *shape(first)), nproc=int(first[0]))
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert straight.returncode == 0, failure(straight)
     stopped = torchrun(*common(tiny_model, data, tmp_path / "b", "--num_epochs", "2", "--max_steps", "3",
                                *shape(first)), nproc=int(first[0]))
-    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert stopped.returncode == 0, failure(stopped)
     resumed = torchrun(*common(tiny_model, data, tmp_path / "b", "--num_epochs", "2", "--max_steps", "9", "--resume",
                                *shape(then)), nproc=int(then[0]))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure(resumed)
     assert f"written by {first[0]} rank(s) x batch {first[1]} x 1 accumulation, now {then[0]} x {then[1]} x 1" \
         in resumed.stdout
     a, b = metrics_of(tmp_path / "a"), metrics_of(tmp_path / "b")
@@ -197,7 +197,7 @@ def test_two_nodes_on_one_machine_train_like_one_node_with_two_processes(tiny_mo
     args = lambda root: [FINETUNE, *common(tiny_model, data, root, "--max_steps", "4", "--cpu_threads", "1",
                                            "--mixed_precision", "False")]
     single = torchrun(*args(tmp_path / "one")[1:])
-    assert single.returncode == 0, single.stderr[-3000:]
+    assert single.returncode == 0, failure(single)
     endpoint = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
@@ -221,4 +221,4 @@ def test_a_user_error_reaches_the_terminal_under_torchrun(tmp_path):
     assert run.returncode != 0
     errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: no training example fits --context_length 48"), \
-        run.stderr[-3000:]
+        failure(run)
