@@ -13,12 +13,14 @@ import argparse
 import asyncio
 import collections
 import hashlib
-import importlib
 import json
+import multiprocessing
 import os
+import queue
+import signal
 import sys
-import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -202,26 +204,106 @@ def print_summary(stats, client, target, skipped, seconds):
     print("\n".join(lines))
 
 
-def generate(client, cfg, chunks, asked, assembly, stream: Path, stats):
-    """Window after window: the teacher's questions and answers for the window's chunks, then its records,
-    appended to `stream` and to the Hugging Face dataset in the output folder. Memory is bounded by the window
-    (window_chunks), not by the corpus; any window size gives the same records."""
-    pipeline = Pipeline(client, cfg, chunks, stats)
-    assembler = Assembler(chunks, assembly, cfg["seed"])
-    dataset = formats.DatasetWriter(Path(cfg["output"]))      # the Hugging Face dataset, beside the JSONL
-    size = cfg["window_chunks"]
-    with open(stream, "w", encoding="utf-8") as out, \
-            tqdm(total=len(asked), desc="chunks", unit="chunk", dynamic_ncols=True) as progress:
-        for start in range(0, len(asked), size):
-            qas = client.run(pipeline.window(range(start, min(start + size, len(asked))), progress))
+class OutputError(Exception):
+    """The records could not be written (a full disk, a folder without write permission)."""
+
+
+def write_records(chunks, settings, seed, stream: Path, folder: Path, windows, results):
+    """The record writer process: assemble the QAs of each window into records and write them (raft.jsonl's
+    lines and the Hugging Face dataset); returns the counts, or the reason it failed, through `results`."""
+    try:
+        import datasets  # noqa: F401 -- 0.7 s, needed to finish the dataset folder: taken while the teacher works
+        assembler = Assembler(chunks, settings, seed)
+        sink = formats.RecordSink(stream, folder)
+        counts = collections.Counter(examples=0, **{"oracle-free": 0, "refusal": 0})
+        while (qas := next_window(windows)) is not None:
             for record in assembler.records(qas):
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                dataset.add(record)
-                stats["examples"] += 1
-                stats["oracle-free"] += not record["oracle_present"] and record["id"].startswith("seed")
-                stats["refusal"] += record["id"].startswith("refusal")
-            out.flush()
-    dataset.close()
+                sink.add(record)
+                counts["examples"] += 1
+                counts["oracle-free"] += not record["oracle_present"] and record["id"].startswith("seed")
+                counts["refusal"] += record["id"].startswith("refusal")
+        sink.close()
+        results.put(counts)
+    except OSError as e:
+        results.put(f"writing the records into {folder} failed ({e}): free space there or choose another -o")
+    except BaseException:
+        traceback.print_exc()
+        results.put("the record writer failed (its traceback is above)")
+
+
+def next_window(windows) -> Optional[list[QA]]:
+    """The next window's QAs, or None at the end; the writer exits if raft.py died without saying so (kill -9)."""
+    parent = multiprocessing.parent_process()
+    while True:
+        try:
+            return windows.get(timeout=1.0)
+        except queue.Empty:
+            if not parent.is_alive():
+                sys.exit(1)
+
+
+class RecordWriter:
+    """Records are assembled and written in a second process while this one drives the teacher, so that the two
+    halves of the work run on two cores (a re-run from the cache takes about half the time it would in one
+    process). The process is handed the chunks once and then the QAs window by window; the queue holds one
+    window, so memory stays bounded by the window."""
+
+    def __init__(self, chunks, settings: AssemblySettings, seed: int, stream: Path, folder: Path):
+        # spawn, not fork: a fork would copy this process's event loop, sockets and threads.
+        context = multiprocessing.get_context("spawn")
+        self.windows, self.results = context.Queue(maxsize=1), context.Queue()
+        self.process = context.Process(target=write_records, name="raft-record-writer", daemon=True,
+                                       args=(chunks, settings, seed, stream, folder, self.windows, self.results))
+        # Ctrl-C reaches every process of the terminal's group: the writer ignores it (inherited through exec)
+        # and is stopped by this process instead.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self.process.start()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def add(self, qas: list[QA]):
+        """Hand over a window's QAs; waits while the writer is still busy with the previous window."""
+        self._until_done(lambda: self.windows.put(qas, timeout=0.5))
+
+    def finish(self) -> collections.Counter:
+        """Wait for the last records to be written; returns the counts of examples written."""
+        self.add(None)
+        outcome = self._until_done(lambda: self.results.get(timeout=0.5))
+        self.process.join()
+        if isinstance(outcome, str):
+            raise OutputError(outcome)
+        return outcome
+
+    def abandon(self):
+        """After an interruption: stop the writer where it is (the dataset folder is left unfinished)."""
+        self.process.terminate()
+        self.process.join()
+
+    def _until_done(self, step):
+        while True:
+            try:
+                return step()
+            except (queue.Full, queue.Empty):
+                if not self.process.is_alive() and self.results.empty():
+                    raise OutputError(f"the record writer stopped (exit code {self.process.exitcode})") from None
+
+
+def generate(client, cfg, chunks, asked, assembly, stream: Path, stats):
+    """Window after window: the teacher's questions and answers for the window's chunks, handed to the record
+    writer, which appends their records to `stream` and to the Hugging Face dataset in the output folder. Memory
+    is bounded by the window (window_chunks), not by the corpus; any window size gives the same records."""
+    pipeline = Pipeline(client, cfg, chunks, stats)
+    writer = RecordWriter(chunks, assembly, cfg["seed"], stream, Path(cfg["output"]))
+    try:
+        with tqdm(total=len(asked), desc="chunks", unit="chunk", dynamic_ncols=True) as progress:
+            size = cfg["window_chunks"]
+            for start in range(0, len(asked), size):
+                writer.add(client.run(pipeline.window(range(start, min(start + size, len(asked))), progress)))
+        stats.update(writer.finish())
+    except BaseException:
+        writer.abandon()
+        raise
 
 
 def run(args) -> int:
@@ -247,9 +329,7 @@ def run(args) -> int:
     client = client_from_config(cfg, args, args.url or [DEFAULT_URL], cfg["model"],
                                 cfg["cache_path"] or str(output / "llm_cache.sqlite"))
     stream = output / "raft_records.partial.jsonl"
-    # The datasets library takes about 0.7 s to import and is needed only to finish the dataset folder: import it
-    # while the run waits on the teacher.
-    threading.Thread(target=importlib.import_module, args=("datasets",), daemon=True).start()
+    formats.discard_in_background(formats.output_file(str(output / "raft"), cfg["output_type"]))
     try:
         connect(client, args)
         print(f"teacher {client.model} at {', '.join(public_host(u) for u in client.urls)}; "
@@ -276,7 +356,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (ConfigError, InputError, LLMFatalError) as e:
+    except (ConfigError, InputError, LLMFatalError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

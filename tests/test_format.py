@@ -63,3 +63,28 @@ def test_arrow_records_without_the_raft_fields_are_refused(tmp_path):
     datasets.Dataset.from_list([{"messages": "a chat row"}]).save_to_disk(str(tmp_path / "chat_ds"))
     done = run_cli("--input", str(tmp_path / "chat_ds"), "--input-type", "arrow", "--output", str(tmp_path / "o"))
     assert done.returncode == 2 and "record 1: missing field(s) instruction, cot_answer" in done.stderr
+
+
+def test_record_sink_writes_lines_and_dataset_and_leaves_an_interrupted_folder_unfinished(tmp_path):
+    refusal = {**RECORDS[0], "id": "refusal_task_3", "quotes_verified": None}      # a null the schema must take
+    sink = formats.RecordSink(tmp_path / "stream.jsonl", tmp_path / "ds")
+    for record in RECORDS + [refusal]:
+        sink.add(record)
+    sink.close()
+    lines = [json.loads(line) for line in open(tmp_path / "stream.jsonl", encoding="utf-8")]
+    assert lines == RECORDS + [refusal]
+    assert datasets.load_from_disk(str(tmp_path / "ds")).to_list() == lines
+
+    stopped = formats.RecordSink(tmp_path / "stopped.jsonl", tmp_path / "stopped")
+    stopped.add(RECORDS[0])
+    stopped.close(complete=False)
+    assert not (tmp_path / "stopped" / "state.json").exists()        # not taken for a finished dataset
+
+
+def test_record_sink_raises_the_writers_failure_in_the_caller(tmp_path):
+    (tmp_path / "full.jsonl").symlink_to("/dev/full")                 # every write: ENOSPC
+    sink = formats.RecordSink(tmp_path / "full.jsonl", tmp_path / "ds")
+    with pytest.raises(OSError, match="No space left"):
+        for _ in range(3 * formats.BATCH):
+            sink.add(RECORDS[0])
+        sink.close()

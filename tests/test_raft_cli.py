@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import datasets
 import yaml
@@ -151,6 +152,27 @@ def test_same_inputs_cache_and_seed_give_identical_bytes(fake, corpus, tmp_path)
     assert (tmp_path / "a" / "raft.jsonl").read_bytes() != (tmp_path / "c" / "raft.jsonl").read_bytes()
 
 
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def wait_until_gone(pids: list[int], seconds: float = 10) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if not any(Path(f"/proc/{pid}").exists() for pid in pids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def test_killed_run_resumes_without_resending_finished_requests(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     with FakeOpenAI() as fake:
@@ -163,8 +185,11 @@ def test_killed_run_resumes_without_resending_finished_requests(tmp_path):
         deadline = time.time() + 60
         while len(fake.requests) < 14 and time.time() < deadline:
             time.sleep(0.02)
+        writers = children(first.pid)
+        assert writers                                                  # the record writer process
         first.send_signal(signal.SIGKILL)
         first.wait()
+        assert wait_until_gone(writers), "the record writer outlived raft.py"
         finished = ResponseCache(str(tmp_path / "resumed" / "llm_cache.sqlite")).keys()
         assert 5 <= len(finished) < 14
         sent_before = len(fake.requests)
@@ -241,3 +266,33 @@ def test_a_gateway_without_a_model_list_works_with_no_preflight(corpus, tmp_path
         assert "--no_preflight needs the model name: pass it with -m" in capsys.readouterr().err
         assert run_raft(fake, corpus, tmp_path / "c", "--no_preflight", "-m", "teacher") == 0
     assert read_jsonl(tmp_path / "c" / "raft.jsonl")
+
+
+def test_ctrl_c_stops_both_processes_and_says_how_to_resume(corpus, tmp_path):
+    with FakeOpenAI() as fake:
+        fake.script = lambda body, n: Reply(delay=0.2)
+        # A terminal's Ctrl-C goes to the whole process group; SIGINT restored in case this suite runs in the
+        # background (which starts it ignored).
+        run = subprocess.Popen([sys.executable, str(ROOT / "raft.py"), "-u", fake.url, "--data_dir", str(corpus),
+                                "-o", str(tmp_path / "out"), "-t", "2", "--max_in_flight", "2"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.time() + 60
+        while len(fake.requests) < 4 and time.time() < deadline:
+            time.sleep(0.02)
+        writers = children(run.pid)
+        os.killpg(run.pid, signal.SIGINT)
+        out, err = run.communicate(timeout=60)
+    assert run.returncode == 130, err
+    assert "interrupted: finished replies are kept in" in err and "Traceback" not in err
+    assert writers and wait_until_gone(writers)
+    assert not (tmp_path / "out" / "state.json").exists()          # the unfinished dataset is not marked done
+
+
+def test_a_full_disk_is_a_one_line_error(fake, corpus, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "raft_records.partial.jsonl").symlink_to("/dev/full")     # every write: ENOSPC
+    assert run_raft(fake, corpus, tmp_path / "out") == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: writing the records into")
+    assert "No space left on device" in errors[0] and "choose another -o" in errors[0]
