@@ -98,7 +98,12 @@ class Pipeline:
         finally:
             if not claimed.done():
                 claimed.set_result(None)
-        qas = await asyncio.gather(*(self.answer(index, question) for question in kept))
+        if result.cached:
+            # A re-run: the answers were most likely cached too, and awaited in turn they cost no task each (a
+            # second of the 25K-chunk re-run). A missing one is asked on its own, beside the other chunks.
+            qas = [await self.answer(index, question) for question in kept]
+        else:
+            qas = await asyncio.gather(*(self.answer(index, question) for question in kept))
         progress.update(1)
         return [qa for qa in qas if qa is not None]
 
