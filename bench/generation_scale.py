@@ -50,11 +50,11 @@ def children(pid: int) -> list[int]:
 
 def sample_peaks(pid: int, peaks: dict):
     """Update each process's peak of raft.py's tree (raft.py and its record writer): their sum bounds the
-    tree's peak from above."""
+    tree's peak from above (pages a fork still shares count twice)."""
     for member in [pid, *children(pid)]:
         try:
-            peaks[member] = peak_rss_mb(member)
-        except OSError:        # it has just ended: its last sample stands
+            peaks[member] = max(peaks.get(member, 0.0), peak_rss_mb(member))
+        except OSError:        # it has just ended: its last sample stands (a zombie reports no memory at all)
             pass
 
 
