@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -148,6 +149,13 @@ def test_same_inputs_cache_and_seed_give_identical_bytes(fake, corpus, tmp_path)
     assert run_raft(fake, corpus, tmp_path / "b", "--cache_path", str(tmp_path / "c.sqlite")) == 0
     assert len(fake.requests) == sent                                      # all from the cache
     assert (tmp_path / "a" / "raft.jsonl").read_bytes() == (tmp_path / "b" / "raft.jsonl").read_bytes()
+    first = (tmp_path / "a" / "raft.jsonl").read_bytes()
+    assert run_raft(fake, corpus, tmp_path / "a", "--cache_path", str(tmp_path / "c.sqlite")) == 0   # over itself
+    for remover in [t for t in threading.enumerate() if t.name == "remove-old-output"]:
+        remover.join()
+    assert (tmp_path / "a" / "raft.jsonl").read_bytes() == first
+    assert datasets.load_from_disk(str(tmp_path / "a")).to_list() == read_jsonl(tmp_path / "a" / "raft.jsonl")
+    assert not list((tmp_path / "a").glob(".*.old"))                     # the earlier outputs are gone
     assert run_raft(fake, corpus, tmp_path / "c", "--cache_path", str(tmp_path / "c.sqlite"), "--seed", "7") == 0
     assert (tmp_path / "a" / "raft.jsonl").read_bytes() != (tmp_path / "c" / "raft.jsonl").read_bytes()
 
