@@ -130,33 +130,18 @@ class RecordSink:
         if len(self.lines) >= BATCH:
             self._hand_over()
 
-    def close(self, complete: bool = True):
-        """Write what is left and finish the dataset folder; raises the writer's failure, if any. After an
-        interruption (complete=False) the writer stops and the folder is left without state.json, so that nothing
-        takes it for a finished dataset."""
+    def close(self):
+        """Write what is left and finish the dataset folder; raises the writer's failure, if any. (A run stopped
+        before this leaves the folder without state.json, so that nothing takes it for a finished dataset.)"""
         try:
-            if complete:
-                self._hand_over()
-            if not self.failure:
-                self._put(None)
+            self._hand_over()
+            self._put(None)
         finally:
-            if self.failure or not complete:
-                self._stop()
-            self.thread.join()
+            self.thread.join()      # it has ended: at the None, or at its failure
             self.file.close()
-        if complete:
-            if self.failure:
-                raise self.failure
-            self.dataset.close()
-
-    def _stop(self):
-        """Let a writer that is still running end after the batch in hand."""
-        try:
-            while True:
-                self.batches.get_nowait()
-        except queue.Empty:
-            pass
-        self.batches.put_nowait(None)
+        if self.failure:            # met after the last batch was handed over
+            raise self.failure
+        self.dataset.close()
 
     def _hand_over(self):
         if self.lines:

@@ -65,7 +65,7 @@ def test_arrow_records_without_the_raft_fields_are_refused(tmp_path):
     assert done.returncode == 2 and "record 1: missing field(s) instruction, cot_answer" in done.stderr
 
 
-def test_record_sink_writes_lines_and_dataset_and_leaves_an_interrupted_folder_unfinished(tmp_path):
+def test_record_sink_writes_the_same_records_as_lines_and_as_the_dataset(tmp_path):
     refusal = {**RECORDS[0], "id": "refusal_task_3", "quotes_verified": None}      # a null the schema must take
     sink = formats.RecordSink(tmp_path / "stream.jsonl", tmp_path / "ds")
     for record in RECORDS + [refusal]:
@@ -74,11 +74,6 @@ def test_record_sink_writes_lines_and_dataset_and_leaves_an_interrupted_folder_u
     lines = [json.loads(line) for line in open(tmp_path / "stream.jsonl", encoding="utf-8")]
     assert lines == RECORDS + [refusal]
     assert datasets.load_from_disk(str(tmp_path / "ds")).to_list() == lines
-
-    stopped = formats.RecordSink(tmp_path / "stopped.jsonl", tmp_path / "stopped")
-    stopped.add(RECORDS[0])
-    stopped.close(complete=False)
-    assert not (tmp_path / "stopped" / "state.json").exists()        # not taken for a finished dataset
 
 
 def test_record_sink_raises_the_writers_failure_in_the_caller(tmp_path):
