@@ -53,8 +53,9 @@ def sample_peaks(pid: int, peaks: dict):
     tree's peak from above (pages a fork still shares count twice)."""
     for member in [pid, *children(pid)]:
         try:
+            # max: a process that has ended but is not yet reaped reports no memory at all; its last sample stands.
             peaks[member] = max(peaks.get(member, 0.0), peak_rss_mb(member))
-        except OSError:        # it has just ended: its last sample stands (a zombie reports no memory at all)
+        except OSError:        # it is gone
             pass
 
 
