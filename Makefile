@@ -17,8 +17,8 @@ export HF_HUB_OFFLINE := 1
 setup: .venv/done
 	scripts/teacher.sh setup
 
+# pip -qq: errors only; a pip whose config names absent package folders otherwise warns once per package.
 .venv/done: requirements.txt
-	# -qq: errors only; a pip whose config names absent package folders otherwise warns once per package.
 	python3 -m venv .venv
 	.venv/bin/pip install -qq --upgrade pip
 	.venv/bin/pip install -qq torch==2.13.0
