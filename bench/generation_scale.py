@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
@@ -37,21 +39,14 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-        except (OSError, ValueError, IndexError):
-            pass
-    return found
-
-
 def sample_peaks(pid: int, peaks: dict):
     """Update each process's peak of raft.py's tree (raft.py and its record writer): their sum bounds the
     tree's peak from above (pages a fork still shares count twice)."""
-    for member in [pid, *children(pid)]:
+    try:
+        members = [pid, *(child.pid for child in psutil.Process(pid).children())]
+    except psutil.NoSuchProcess:     # raft.py has just ended
+        return
+    for member in members:
         try:
             # max: a process that has ended but is not yet reaped reports no memory at all; its last sample stands.
             peaks[member] = max(peaks.get(member, 0.0), peak_rss_mb(member))

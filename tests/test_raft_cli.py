@@ -6,9 +6,9 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import datasets
+import psutil
 import yaml
 
 import raft
@@ -160,27 +160,6 @@ def test_same_inputs_cache_and_seed_give_identical_bytes(fake, corpus, tmp_path)
     assert (tmp_path / "a" / "raft.jsonl").read_bytes() != (tmp_path / "c" / "raft.jsonl").read_bytes()
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def wait_until_gone(pids: list[int], seconds: float = 10) -> bool:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if not any(Path(f"/proc/{pid}").exists() for pid in pids):
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_killed_run_resumes_without_resending_finished_requests(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     with FakeOpenAI() as fake:
@@ -193,11 +172,11 @@ def test_killed_run_resumes_without_resending_finished_requests(tmp_path):
         deadline = time.time() + 60
         while len(fake.requests) < 14 and time.time() < deadline:
             time.sleep(0.02)
-        writers = children(first.pid)
+        writers = psutil.Process(first.pid).children()
         assert writers                                                  # the record writer process
         first.send_signal(signal.SIGKILL)
         first.wait()
-        assert wait_until_gone(writers), "the record writer outlived raft.py"
+        assert not psutil.wait_procs(writers, timeout=10)[1], "the record writer outlived raft.py"
         finished = ResponseCache(str(tmp_path / "resumed" / "llm_cache.sqlite")).keys()
         assert 5 <= len(finished) < 14
         sent_before = len(fake.requests)
@@ -288,12 +267,12 @@ def test_ctrl_c_stops_both_processes_and_says_how_to_resume(corpus, tmp_path):
         deadline = time.time() + 60
         while len(fake.requests) < 4 and time.time() < deadline:
             time.sleep(0.02)
-        writers = children(run.pid)
+        writers = psutil.Process(run.pid).children()
         os.killpg(run.pid, signal.SIGINT)
         out, err = run.communicate(timeout=60)
     assert run.returncode == 130, err
     assert "interrupted: finished replies are kept in" in err and "Traceback" not in err
-    assert writers and wait_until_gone(writers)
+    assert writers and not psutil.wait_procs(writers, timeout=10)[1]
     assert not (tmp_path / "out" / "state.json").exists()          # the unfinished dataset is not marked done
 
 
