@@ -7,8 +7,8 @@ Measured: requests per second of the cold run; the peak resident memory of raft.
 process together when 10%, 50% and 100% of the requests are done (each process's peak read from /proc while it
 runs, the peaks summed; 100% is over the whole run, output writing included); the time to open the full reply
 cache and read one reply; and a warm re-run of the same command, which must send nothing. The targets: peak
-memory at 100% within 1.2x of that at 10% (memory bounded
-by the window, not the corpus), and the warm re-run under a quarter of the cold run.
+memory at 100% within 1.2x of that at 10% (memory bounded by the window, not the corpus), and the warm re-run
+under a quarter of the cold run.
 """
 import argparse
 import resource
