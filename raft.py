@@ -12,6 +12,7 @@ Settings live in raft.yaml (-c); the flags below override them.
 import argparse
 import asyncio
 import collections
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -230,10 +231,19 @@ def write_records(chunks, settings, seed, stream: Path, folder: Path, windows, r
         sink.close()
         results.put(counts)
     except OSError as e:
-        results.put(f"writing the records into {folder} failed ({e}): free space there or choose another -o")
+        results.put(f"writing the records into {folder} failed ({e}): {what_to_do_about(e)}")
     except BaseException:
         traceback.print_exc()
         results.put("the record writer failed (its traceback is above)")
+
+
+def what_to_do_about(error: OSError) -> str:
+    """The advice for a failed write, by its cause: space, permission, or neither."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space there or choose another -o"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make the folder writable or choose another -o"
+    return "choose another -o"
 
 
 def next_window(windows) -> Optional[list[QA]]:
@@ -326,7 +336,10 @@ def run(args) -> int:
                          "or lower num_distract_docs")
 
     output = Path(cfg["output"])
-    output.mkdir(parents=True, exist_ok=True)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot make the output folder {output} ({e.strerror}): {what_to_do_about(e)}") from None
     stream = output / "raft_records.partial.jsonl"
     cache_path = cfg["cache_path"] or str(output / "llm_cache.sqlite")
     # The record writer first, while this process has no event loop, socket, thread or open database for it to

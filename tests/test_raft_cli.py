@@ -1,4 +1,5 @@
 """raft.py end to end against the scripted server over real HTTP."""
+import errno
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import time
 
 import datasets
 import psutil
+import pytest
 import yaml
 
 import raft
@@ -282,4 +284,19 @@ def test_a_full_disk_is_a_one_line_error(fake, corpus, tmp_path, capsys):
     assert run_raft(fake, corpus, tmp_path / "out") == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("error: writing the records into")
-    assert "No space left on device" in errors[0] and "choose another -o" in errors[0]
+    assert "No space left on device" in errors[0] and "free space there or choose another -o" in errors[0]
+
+
+def test_an_output_path_that_is_a_file_is_a_one_line_error(fake, corpus, tmp_path, capsys):
+    (tmp_path / "taken").write_text("not a folder")
+    assert run_raft(fake, corpus, tmp_path / "taken") == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == [f"error: cannot make the output folder {tmp_path / 'taken'} (File exists): choose another -o"]
+
+
+@pytest.mark.parametrize("code, advice", [(errno.ENOSPC, "free space there"), (errno.EDQUOT, "free space there"),
+                                          (errno.EACCES, "make the folder writable"),
+                                          (errno.EROFS, "make the folder writable"), (errno.EIO, "choose another -o")])
+def test_the_advice_for_a_failed_write_follows_its_cause(code, advice):
+    # Permission errors cannot be provoked here (the tests may run as root), so the advice is checked by errno.
+    assert raft.what_to_do_about(OSError(code, os.strerror(code))).startswith(advice)
