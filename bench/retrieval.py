@@ -1,15 +1,16 @@
 """Retrieval benchmark: which retriever finds the answer on questions written the way users ask them, and at what
 cost. Prints numbers; asserts nothing.
 
-  HF_HUB_OFFLINE=1 .venv/bin/python bench/retrieval.py [--repeat 3] [--tuned_model DIR] [--large 200000]
+  HF_HUB_OFFLINE=1 .venv/bin/python bench/retrieval.py [--repeat 3] [--tuned_model DIR ...] [--large 200000]
 
 1. The dev set, eval/dev_questions.json: hand-written paraphrases, questions that need two chunks, abbreviations
    and typos, over data/ (its unanswerable questions are left out here). A question is found at k when its top-k
    chunks hold every passage it needs (each `support` quote). Recall@1/3/5/7 of dense, BM25 and the plain RRF
    hybrid with today's settings, then of the tuned hybrid: its levers (fusion weight, BM25 k1/b, stemming, the file
    name in each chunk, the LLM-free query rewrite) are chosen by 5-fold cross-validation, each fold scored with
-   the settings chosen on the other four, never on its own questions. With --tuned_model, dense and the tuned
-   hybrid again with an embedding model fine-tuned on RAFT data (finetune/embeddings.py).
+   the settings chosen on the other four, never on its own questions. With --tuned_model (repeatable), dense and
+   the cross-validated hybrid again with each embedding model fine-tuned by finetune/embeddings.py (on the
+   documents, or on RAFT data written without the dev questions).
 2. Cost: index build and query time of today's hybrid and of the tuned default, best of --repeat, and LangChain's
    FAISS.from_documents + similarity_search as the reference.
 3. eval_llama.json's answer-support recall (questions that copy the documents' words), for continuity.
@@ -141,7 +142,7 @@ def describe(s: SearchSettings) -> str:
             f"file names {'on' if s.source_titles else 'off'}, rewrite {'on' if s.query_rewrite else 'off'}")
 
 
-def dev_set(chunks, embedder, tuned_model, cache_dir):
+def dev_set(chunks, embedder, tuned_models, cache_dir):
     items = [i for i in json.loads((ROOT / "eval" / "dev_questions.json").read_text()) if i["kind"] != "unanswerable"]
     needs = needed_chunks(items, chunks)
     questions = [i["question"] for i in items]
@@ -151,17 +152,23 @@ def dev_set(chunks, embedder, tuned_model, cache_dir):
             "hybrid, plain RRF (today's default)": recalls(levers.hybrid(TODAY), needs)}
     held_out, chosen, on_all = cross_validate(levers, needs)
     rows["hybrid, tuned (held-out folds)"] = held_out
-    if tuned_model:
-        tuned = Levers(chunks, questions, Embedder(tuned_model), cache_dir)
-        rows["dense, embedding tuned on RAFT data"] = recalls(tuned.dense(False, False), needs)
-        rows["hybrid tuned, embedding tuned on RAFT data"] = recalls(tuned.hybrid(on_all), needs)
+    chosen_for = {}
+    for model in tuned_models:
+        tuned = Levers(chunks, questions, Embedder(model), cache_dir)
+        name = Path(model).name
+        rows[f"dense, {name}"] = recalls(tuned.dense(False, False), needs)
+        tuned_held_out, tuned_chosen, _ = cross_validate(tuned, needs)
+        rows[f"hybrid tuned, {name} (held-out folds)"] = tuned_held_out
+        chosen_for[name] = tuned_chosen
     kinds = {kind: sum(i["kind"] == kind for i in items) for kind in ("paraphrase", "multi", "abbreviation", "typo")}
     print(f"\n== Dev set: {len(items)} answerable questions of eval/dev_questions.json "
           f"({', '.join(f'{n} {k}' for k, n in kinds.items())}); found = every needed passage in the top k")
-    print(f"{'retriever':46}" + "".join(f"{'@' + str(k):>7}" for k in KS))
+    print(f"{'retriever':56}" + "".join(f"{'@' + str(k):>7}" for k in KS))
     for name, row in rows.items():
-        print(f"{name:46}" + "".join(f"{v:7.2f}" for v in row))
+        print(f"{name:56}" + "".join(f"{v:7.2f}" for v in row))
     print("settings chosen per fold: " + " | ".join(describe(s) for s in chosen))
+    for name, per_fold in chosen_for.items():
+        print(f"with {name}, per fold: " + " | ".join(describe(s) for s in per_fold))
     print(f"chosen on all the questions (the shipped default): {describe(on_all)}")
     by_kind = {}
     for kind in kinds:
@@ -253,7 +260,8 @@ def large(n: int, dim: int = 384, latent: int = 24, queries: int = 1000, seed: i
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--tuned_model", help="an embedding model tuned by finetune/embeddings.py, measured beside")
+    p.add_argument("--tuned_model", action="append", default=[],
+                   help="an embedding model tuned by finetune/embeddings.py, measured beside (repeatable)")
     p.add_argument("--large", type=int, default=200_000, help="synthetic vectors for the HNSW check (0: skip)")
     args = p.parse_args()
     chunks, _ = split_documents(load_documents(str(ROOT / "data"), "").documents, 1000)

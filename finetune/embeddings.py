@@ -1,27 +1,50 @@
-"""Fine-tune the retriever's embedding model on RAFT data: each generated question with its oracle chunk is a
-training pair, every other chunk of the batch a negative (in-batch negatives). On a CPU this takes minutes.
+"""Fine-tune the retriever's embedding model on your own data: each training pair is a query with the passage it
+must find, every other chunk of the batch a negative (in-batch negatives). On a CPU this takes minutes. Two
+sources of pairs, alone or together:
 
+  python finetune/embeddings.py --documents data/ --output models/minilm-docs          # no LLM needed
   python finetune/embeddings.py --data_path output/raft.jsonl --output models/minilm-raft
-  # then, in raft_eval_config.yaml (or chat.py -c with it):  embedding_model: models/minilm-raft
+  # then, in raft_eval_config.yaml (or chat.py -c with it):  embedding_model: models/minilm-docs
 
-The questions are the teacher's, about your documents: the model learns your vocabulary (product names,
-abbreviations) and how a question relates to the passage that answers it. Keep the eval questions out of the
-training data (raft_eval.py --draft_from writes such a file). A tenth of the questions is held out: the summary
-shows their retrieval accuracy among the training chunks before and after, so you see whether it paid.
+--documents: the documents themselves (the inverse cloze task). Each sentence of a chunk is a query, and the
+chunk with that sentence cut out is the passage it must find: the model learns which passages belong with which
+statements in your documents' vocabulary, with no question written by anyone. Chunk them as raft.py and
+raft_eval.py do (--chunk_size).
+--data_path: the teacher's RAFT questions with their oracle chunks. Keep the eval questions out of the training
+data (raft_eval.py --draft_from writes such a file).
+
+A tenth of the pairs (at most 1,000) is held out: the summary shows how often each held-out query finds its own passage among
+all the chunks, before and after, so you see whether it paid.
 """
 import argparse
+import collections
 import random
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))    # run as a script: the repo's modules
 
 from finetune.raft_dataset import DataError, load_records  # noqa: E402
 from hardware import compute_dtype  # noqa: E402
+from raft_utils import InputError, load_chunks  # noqa: E402
 from retrieval import DEFAULT_EMBEDDING_MODEL, Embedder, embedding_model_path  # noqa: E402
 
+MIN_QUERY_WORDS = 6       # shorter sentences ("See below.", headings) say too little to be a query
+KEEP_SENTENCE = 0.1       # share of document pairs whose passage keeps the query's sentence, so a literal match
+                          # still counts (the inverse cloze task's usual setting)
+MAX_HELD_OUT = 1000       # held-out pairs: a tenth of them, up to this many
 
-def training_pairs(records: list[dict]) -> list[tuple[str, str]]:
+
+@dataclass(frozen=True)
+class Pair:
+    query: str
+    passage: str     # what the query must find: its chunk, or for a document pair the chunk without the query
+    chunk: str       # the whole chunk: no two pairs of one chunk share a batch, and the held-out check ranks these
+
+
+def raft_pairs(records: list[dict]) -> list[Pair]:
     """(question, oracle chunk) of every example with a chain-of-thought answer; refusals and repeats left out."""
     pairs, seen = [], set()
     for record in records:
@@ -29,40 +52,117 @@ def training_pairs(records: list[dict]) -> list[tuple[str, str]]:
         if str(record.get("id", "")).startswith("refusal") or not question or not oracle or question in seen:
             continue
         seen.add(question)
-        pairs.append((question, oracle))
+        pairs.append(Pair(question, oracle, oracle))
     return pairs
 
 
-def accuracy_at_1(embedder: Embedder, pairs: list[tuple[str, str]], chunks: list[str]) -> float:
-    """Share of questions whose own chunk is the nearest of `chunks`."""
-    questions = embedder.embed([q for q, _ in pairs])
-    passages = embedder.embed(chunks)
-    best = (questions @ passages.T).argmax(axis=1)
-    return sum(chunks[b] == oracle for b, (_, oracle) in zip(best, pairs)) / len(pairs)
+def sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?])\s+", text) if len(s.split()) >= MIN_QUERY_WORDS]
+
+
+def document_pairs(chunks: list[str], rng: random.Random) -> list[Pair]:
+    """The inverse cloze task: each sentence of a chunk with the chunk it was cut out of."""
+    return [Pair(sentence, chunk if rng.random() < KEEP_SENTENCE else chunk.replace(sentence, " "), chunk)
+            for chunk in chunks for sentence in sentences(chunk)]
+
+
+def distinct_chunk_batches(chunk_of: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Batches of pair indices in which no chunk appears twice: in-batch negatives must really be other chunks (a
+    second sentence of the same chunk, or a second question about it, is no negative). Pairs are dealt out one per
+    chunk in turn, so that a chunk with many pairs spreads over many batches; a batch of one pair teaches nothing
+    and is left out."""
+    rng = random.Random(seed)
+    by_chunk: dict[int, list[int]] = {}
+    for index, chunk in enumerate(chunk_of):
+        by_chunk.setdefault(chunk, []).append(index)
+    queues = list(by_chunk.values())
+    for queue in queues:
+        rng.shuffle(queue)
+    pending = collections.deque()
+    while queues:
+        rng.shuffle(queues)
+        pending += [queue.pop() for queue in queues]
+        queues = [queue for queue in queues if queue]
+    batches = []
+    while pending:
+        batch, used, skipped = [], set(), []
+        while pending and len(batch) < batch_size:
+            index = pending.popleft()
+            if chunk_of[index] in used:
+                skipped.append(index)        # where two rounds meet: it goes into the next batch
+            else:
+                batch.append(index)
+                used.add(chunk_of[index])
+        pending.extendleft(reversed(skipped))
+        if len(batch) > 1:
+            batches.append(batch)
+    return batches
+
+
+def distinct_chunk_sampler(chunk_of: list[int]):
+    """The trainer's batch sampler: distinct_chunk_batches, dealt anew each epoch."""
+    from sentence_transformers.base.sampler import DefaultBatchSampler
+
+    class DistinctChunkSampler(DefaultBatchSampler):
+        def __iter__(self):
+            return iter(distinct_chunk_batches(chunk_of, self.batch_size, self.seed + self.epoch))
+
+        def __len__(self):
+            return len(distinct_chunk_batches(chunk_of, self.batch_size, self.seed + self.epoch))
+
+    return DistinctChunkSampler
+
+
+def accuracy_at_1(embedder: Embedder, pairs: list[Pair], chunks: list[str]) -> float:
+    """Share of queries whose own passage scores above every other chunk."""
+    import numpy as np
+    queries = embedder.embed([p.query for p in pairs])
+    own = np.einsum("ij,ij->i", queries, embedder.embed([p.passage for p in pairs]))
+    others = queries @ embedder.embed(chunks).T
+    position = {chunk: i for i, chunk in enumerate(chunks)}
+    others[np.arange(len(pairs)), [position[p.chunk] for p in pairs]] = -np.inf
+    return float(np.mean(own > others.max(axis=1)))
+
+
+def training_pairs(args, rng: random.Random) -> list[Pair]:
+    pairs = []
+    if args.documents:
+        _, chunks, _ = load_chunks(args.documents, "", True, args.chunk_size)
+        pairs += document_pairs([c.text for c in chunks], rng)
+    if args.data_path:
+        pairs += raft_pairs(load_records(args.data_path))
+    return pairs
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_path", nargs="+", required=True, help="raft.jsonl file(s) written by raft.py")
+    p.add_argument("--documents", help="a documents folder: pairs cut from its chunks (no LLM needed)")
+    p.add_argument("--chunk_size", type=int, default=1000, help="characters per chunk (keep it equal to raft.py's)")
+    p.add_argument("--data_path", nargs="+", help="raft.jsonl file(s) written by raft.py: question/oracle pairs")
     p.add_argument("--output", required=True, help="folder of the tuned model (a sentence-transformers folder)")
     p.add_argument("--base", default=DEFAULT_EMBEDDING_MODEL, help=f"the model to start from ({DEFAULT_EMBEDDING_MODEL})")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch_size", type=int, default=32, help="pairs per batch: the other 31 chunks are negatives")
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args(argv)
+    if not args.documents and not args.data_path:
+        p.error("give --documents, --data_path or both")
+    rng = random.Random(args.seed)
     try:
-        pairs = training_pairs(load_records(args.data_path))
-    except DataError as e:
+        pairs = training_pairs(args, rng)
+    except (DataError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if len(pairs) < 10:
-        print(f"error: {', '.join(args.data_path)} holds {len(pairs)} question/chunk pairs: at least 10 are needed",
-              file=sys.stderr)
+        sources = ", ".join(filter(None, [args.documents, *(args.data_path or [])]))
+        print(f"error: {sources} holds {len(pairs)} query/passage pairs: at least 10 are needed", file=sys.stderr)
         return 2
-    random.Random(args.seed).shuffle(pairs)
-    held_out, train = pairs[:max(1, len(pairs) // 10)], pairs[max(1, len(pairs) // 10):]
-    chunks = sorted({oracle for _, oracle in pairs})
+    rng.shuffle(pairs)
+    checked = max(1, min(len(pairs) // 10, MAX_HELD_OUT))
+    held_out, train = pairs[:checked], pairs[checked:]
+    chunks = sorted({pair.chunk for pair in pairs})
+    position = {chunk: i for i, chunk in enumerate(chunks)}
 
     import datasets
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -73,15 +173,16 @@ def main(argv=None) -> int:
     training = SentenceTransformerTrainingArguments(
         output_dir=str(Path(args.output) / "checkpoints"), num_train_epochs=args.epochs, learning_rate=args.lr,
         per_device_train_batch_size=args.batch_size, warmup_steps=0.1, seed=args.seed, bf16=dtype == "bfloat16",
-        save_strategy="no", report_to=[], logging_steps=10, batch_sampler="no_duplicates", use_cpu=True)
-    dataset = datasets.Dataset.from_dict({"anchor": [q for q, _ in train], "positive": [c for _, c in train]})
+        save_strategy="no", report_to=[], logging_steps=10, use_cpu=True,
+        batch_sampler=distinct_chunk_sampler([position[pair.chunk] for pair in train]))
+    dataset = datasets.Dataset.from_dict({"anchor": [p.query for p in train], "positive": [p.passage for p in train]})
     SentenceTransformerTrainer(model=model, args=training, train_dataset=dataset,
                                loss=MultipleNegativesRankingLoss(model)).train()
     model.save_pretrained(args.output)
     after = accuracy_at_1(Embedder(args.output, dtype="float32"), held_out, chunks)
-    print(f"trained {args.base} on {len(train)} question/chunk pairs for {args.epochs} epochs ({dtype}: {why}); "
+    print(f"trained {args.base} on {len(train)} query/passage pairs for {args.epochs} epochs ({dtype}: {why}); "
           f"held-out accuracy@1 among {len(chunks)} chunks: {before:.2f} before, {after:.2f} after "
-          f"({len(held_out)} questions); the model is in {args.output}: set embedding_model to it")
+          f"({len(held_out)} queries); the model is in {args.output}: set embedding_model to it")
     return 0
 
 

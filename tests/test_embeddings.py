@@ -1,10 +1,13 @@
-"""finetune/embeddings.py: the retriever's embedding model tuned on RAFT question/chunk pairs, then used as
-embedding_model."""
+"""finetune/embeddings.py: the retriever's embedding model tuned on pairs cut from the documents and on RAFT
+question/chunk pairs, then used as embedding_model."""
+import collections
 import json
+import random
 import re
 import subprocess
 import sys
 
+from finetune.embeddings import KEEP_SENTENCE, distinct_chunk_batches, document_pairs
 from raft_utils import Chunk
 from retrieval import build_retrievers
 from tests.conftest import ROOT
@@ -44,4 +47,68 @@ def test_too_little_data_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, SCRIPT, "--data_path", str(data), "--output", str(tmp_path / "m")],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.strip() == \
-        f"error: {data} holds 6 question/chunk pairs: at least 10 are needed"
+        f"error: {data} holds 6 query/passage pairs: at least 10 are needed"
+
+
+def test_document_pairs_cut_each_sentence_out_of_its_chunk():
+    chunks = [f"Short one. The pump number {i} moves water from the lower tank to the roof. It was serviced in "
+              f"spring of year {2000 + i} by the night crew." for i in range(200)]
+    pairs = document_pairs(chunks, random.Random(0))
+    assert len(pairs) == 400                                  # two sentences a chunk; "Short one." is too short
+    assert {p.chunk for p in pairs} == set(chunks)
+    kept = [p for p in pairs if p.passage == p.chunk]
+    assert 0.05 < len(kept) / len(pairs) < 0.15 and abs(len(kept) / len(pairs) - KEEP_SENTENCE) < 0.05
+    for pair in pairs:
+        assert pair.query in pair.chunk
+        assert pair.passage == pair.chunk or (pair.query not in pair.passage and "Short one." in pair.passage)
+
+
+def test_no_batch_holds_two_pairs_of_one_chunk():
+    rng = random.Random(1)
+    chunk_of = [rng.randrange(40) for _ in range(500)] + [99] * 12        # one chunk with many pairs
+    for seed in range(3):
+        batches = distinct_chunk_batches(chunk_of, 16, seed)
+        assert all(len({chunk_of[i] for i in batch}) == len(batch) > 1 for batch in batches)
+        used = collections.Counter(i for batch in batches for i in batch)
+        left_out = {chunk_of[i] for i in range(len(chunk_of)) if i not in used}
+        assert max(used.values()) == 1 and len(left_out) <= 1        # only one chunk's last pairs, with no partner
+        assert sum(99 in {chunk_of[i] for i in batch} for batch in batches) >= 11     # spread, not bunched
+    assert distinct_chunk_batches(chunk_of, 16, 0) != distinct_chunk_batches(chunk_of, 16, 1)   # dealt anew
+
+
+def write_documents(folder, n=16):
+    """Small made-up documents, one topic each, a few sentences long."""
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"device{i}.md").write_text(
+            f"# Device {i}\n\nThe device {i} cools the server room number {i} during the summer months. Its fan "
+            f"turns at {1000 + 37 * i} revolutions per minute when the room is hot. The filter of device {i} is "
+            f"replaced every {i + 2} weeks by the facilities team.\n")
+    return folder
+
+
+def test_tuning_on_the_documents_and_raft_pairs_together(tmp_path):
+    docs = write_documents(tmp_path / "docs")
+    data = write_raft(tmp_path / "raft.jsonl")
+    out = tmp_path / "minilm-docs"
+    done = subprocess.run([sys.executable, SCRIPT, "--documents", str(docs), "--data_path", str(data),
+                           "--output", str(out), "--epochs", "1", "--batch_size", "8"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = re.search(r"on (\d+) query/passage pairs .* held-out accuracy@1 among (\d+) chunks: ([\d.]+) before, "
+                        r"([\d.]+) after \((\d+) queries\)", done.stdout)
+    assert summary, done.stdout[-1000:]
+    trained, chunks, held_out = int(summary.group(1)), int(summary.group(2)), int(summary.group(5))
+    assert trained + held_out == 16 * 3 + 48 and chunks == 16 + 24          # 3 sentences a document, 48 questions
+    chunks = [Chunk((docs / f"device{i}.md").read_text(), f"device{i}.md") for i in range(16)]
+    dense = build_retrievers(chunks, ["dense"], embedding_model=str(out))["dense"]
+    assert dense.rank(["How often is the filter of device 5 replaced?"], 1)[0] == [5]
+
+
+def test_a_missing_documents_folder_or_no_source_is_one_line(tmp_path):
+    done = subprocess.run([sys.executable, SCRIPT, "--documents", str(tmp_path / "nowhere"), "--output",
+                           str(tmp_path / "m")], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and str(tmp_path / "nowhere") in done.stderr
+    done = subprocess.run([sys.executable, SCRIPT, "--output", str(tmp_path / "m")], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and "give --documents, --data_path or both" in done.stderr
