@@ -107,7 +107,9 @@ def searchable_text(chunk: Chunk, settings: SearchSettings) -> str:
     return f"{title_of(chunk.source)}\n{chunk.text}" if settings.source_titles else chunk.text
 
 
-_DEFINED = re.compile(r"([A-Za-z][A-Za-z0-9-]*(?:\s+[A-Za-z][A-Za-z0-9-]*){0,7})\s+\(([A-Z][A-Za-z0-9]{1,9})\)")
+_PARENTHESISED = re.compile(r"\s\(([A-Z][A-Za-z0-9]{1,9})\)")
+_DEFINED = re.compile(r"([A-Za-z][A-Za-z0-9-]*(?:\s+[A-Za-z][A-Za-z0-9-]*){0,7})\s+\(([A-Z][A-Za-z0-9]{1,9})\)\Z")
+DEFINITION_REACH = 300     # characters before "(GQA)" searched for its long form: 8 words and more
 
 
 def abbreviations(texts: Sequence[str]) -> dict[str, str]:
@@ -116,7 +118,14 @@ def abbreviations(texts: Sequence[str]) -> dict[str, str]:
     the abbreviation."""
     found = {}
     for text in texts:
-        for long_form, abbreviation in _DEFINED.findall(text):
+        # The long-form pattern is tried only where an abbreviation stands: scanning whole texts with it
+        # backtracks at every word (35 ms for the 86 chunks of data/, 40 s for 100K chunks).
+        for parenthesised in _PARENTHESISED.finditer(text):
+            reach = max(0, parenthesised.start() - DEFINITION_REACH)
+            defined = _DEFINED.search(text, reach, parenthesised.end())
+            if not defined:
+                continue
+            long_form, abbreviation = defined.groups()
             words = long_form.split()
             for start in range(len(words) - 1, -1, -1):
                 candidate = words[start:]
