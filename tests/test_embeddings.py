@@ -7,7 +7,8 @@ import re
 import subprocess
 import sys
 
-from finetune.embeddings import KEEP_SENTENCE, distinct_chunk_batches, document_pairs
+import finetune.embeddings as embeddings
+from finetune.embeddings import KEEP_SENTENCE, Pair, checked_chunks, distinct_chunk_batches, document_pairs
 from raft_utils import Chunk
 from retrieval import build_retrievers
 from tests.conftest import ROOT
@@ -74,6 +75,16 @@ def test_no_batch_holds_two_pairs_of_one_chunk():
         assert max(used.values()) == 1 and len(left_out) <= 1        # only one chunk's last pairs, with no partner
         assert sum(99 in {chunk_of[i] for i in batch} for batch in batches) >= 11     # spread, not bunched
     assert distinct_chunk_batches(chunk_of, 16, 0) != distinct_chunk_batches(chunk_of, 16, 1)   # dealt anew
+
+
+def test_the_held_out_check_ranks_its_own_chunks_among_a_bounded_number(monkeypatch):
+    chunks = [f"chunk {i}" for i in range(500)]
+    held_out = [Pair(f"q{i}", chunks[i * 7], chunks[i * 7]) for i in range(30)]
+    monkeypatch.setattr(embeddings, "MAX_CHECKED_CHUNKS", 100)
+    checked = checked_chunks(held_out, chunks, random.Random(0))
+    assert len(checked) == len(set(checked)) == 100 and {p.chunk for p in held_out} <= set(checked)
+    monkeypatch.setattr(embeddings, "MAX_CHECKED_CHUNKS", 10_000)
+    assert sorted(checked_chunks(held_out, chunks, random.Random(0))) == sorted(chunks)
 
 
 def write_documents(folder, n=16):
