@@ -236,6 +236,14 @@ class _Retry(_Failed):
         self.rate_limited = rate_limited      # a 429: retried within rate_limit_wait, not max_retries
 
 
+def quiet_after_ctrl_c(loop: asyncio.AbstractEventLoop, context: dict):
+    """The event loop's exception handler. Ctrl-C lands in whichever request task is running: that task keeps the
+    KeyboardInterrupt, and asyncio would print it as "Task exception was never retrieved", with a traceback, when
+    the task is collected. The interruption is the caller's to report (once, in one line); the rest as usual."""
+    if not isinstance(context.get("exception"), KeyboardInterrupt):
+        loop.default_exception_handler(context)
+
+
 @dataclass
 class ChatClient:
     urls: Sequence[str]
@@ -265,6 +273,7 @@ class ChatClient:
         # One event loop and one HTTP session for the client's life: connections opened by one stage
         # (questions) are reused by the next (answers, retries) instead of being opened again.
         self._loop = asyncio.new_event_loop()
+        self._loop.set_exception_handler(quiet_after_ctrl_c)
         self._http: Optional[aiohttp.ClientSession] = None
 
     # ---- public, synchronous entry points -------------------------------------------------------

@@ -1,5 +1,6 @@
 """The client against a scripted server over real HTTP: retries, fail-fast errors, cache, limits."""
 import asyncio
+import gc
 import json
 import socket
 import time
@@ -267,3 +268,28 @@ def test_a_reply_is_durable_as_soon_as_it_is_stored(tmp_path):
                                "truncated": False}
     writer.close()
     reader.close()
+
+
+def test_a_ctrl_c_inside_a_request_task_leaves_no_traceback_behind(caplog):
+    # Ctrl-C raised inside a running task: the task keeps the KeyboardInterrupt, and when it is collected asyncio
+    # reports it ("Task exception was never retrieved", with a traceback) unless the client's handler drops it.
+    client = ChatClient(["http://127.0.0.1:9/v1"], model="m")
+    interrupted = []
+
+    async def request():
+        await asyncio.sleep(0)
+        raise KeyboardInterrupt
+
+    async def pipeline():
+        interrupted.append(asyncio.ensure_future(request()))
+        await asyncio.sleep(5)
+
+    with pytest.raises(KeyboardInterrupt):
+        client.run(pipeline())
+    client.close()
+    interrupted.clear()
+    gc.collect()
+    assert not [r for r in caplog.records if r.name == "asyncio"]
+    # Any other failure in the loop is still reported.
+    client._loop.call_exception_handler({"message": "something else broke", "exception": ValueError("x")})
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == ["something else broke"]
