@@ -18,6 +18,7 @@ passage among the chunks (up to 10,000 of them), before and after, so you see wh
 """
 import argparse
 import collections
+import functools
 import random
 import re
 import sys
@@ -106,12 +107,16 @@ def distinct_chunk_sampler(chunk_of: list[int]):
     """The trainer's batch sampler: distinct_chunk_batches, dealt anew each epoch."""
     from sentence_transformers.base.sampler import DefaultBatchSampler
 
+    @functools.lru_cache(maxsize=1)     # the trainer asks an epoch's length several times, then iterates it
+    def dealt(batch_size: int, seed: int) -> list[list[int]]:
+        return distinct_chunk_batches(chunk_of, batch_size, seed)
+
     class DistinctChunkSampler(DefaultBatchSampler):
         def __iter__(self):
-            return iter(distinct_chunk_batches(chunk_of, self.batch_size, self.seed + self.epoch))
+            return iter(dealt(self.batch_size, self.seed + self.epoch))
 
         def __len__(self):
-            return len(distinct_chunk_batches(chunk_of, self.batch_size, self.seed + self.epoch))
+            return len(dealt(self.batch_size, self.seed + self.epoch))
 
     return DistinctChunkSampler
 
@@ -132,9 +137,10 @@ def accuracy_at_1(embedder: Embedder, pairs: list[Pair], chunks: list[str]) -> f
     position = {chunk: i for i, chunk in enumerate(chunks)}
     found = 0
     for start in range(0, len(pairs), 100):        # 100 queries against every chunk at a time: bounded memory
-        scores = queries[start:start + 100] @ vectors.T
-        scores[np.arange(len(scores)), [position[p.chunk] for p in pairs[start:start + 100]]] = -np.inf
-        found += int(np.sum(own[start:start + 100] > scores.max(axis=1)))
+        rows = slice(start, start + 100)
+        scores = queries[rows] @ vectors.T
+        scores[np.arange(len(scores)), [position[p.chunk] for p in pairs[rows]]] = -np.inf
+        found += int(np.sum(own[rows] > scores.max(axis=1)))
     return found / len(pairs)
 
 
