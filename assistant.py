@@ -13,7 +13,6 @@ refusal answer, or "I don't know") is a hand-off to a person. Every face may ser
 each reply gets its own connection to the model server, and a model in this process answers one at a time.
 """
 import json
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,13 +20,15 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import metrics
-from config import RAFT_SCHEMA, fill_prompt, load_config
+from cli import client_from_config, connect
+from config import fill_prompt
+from documents import load_chunks
+from errors import InputError
 from hardware import compute_dtype, torch_dtype
-from llm_client import ChatClient, client_from_config, connect, public_host
-from raft_utils import InputError, final_answer, instruction, load_chunks
+from llm_client import ChatClient, public_host
+from raft_utils import instruction
 from retrieval import build_retriever, settings_from_config
-
-ANSWER_MARK = re.compile(r"<ANSWER>\s*:")
+from text import ANSWER_MARK, final_answer
 
 
 # ---- where replies come from ----------------------------------------------------------------------------------
@@ -136,7 +137,7 @@ class Assistant:
 
     def __init__(self, cfg, topk: int, rag: bool):
         self.cfg, self.topk, self.rag = cfg, topk, rag
-        self.refusal_answer = load_config(cfg["raft_config"], RAFT_SCHEMA)["refusal_answer"]
+        self.refusal_answer = cfg["refusal_answer"]
         self.chunks = []
         self.lock = threading.Lock()        # one retrieval at a time: the embedding model is shared
         if rag:
@@ -149,7 +150,8 @@ class Assistant:
     def describe(self) -> str:
         if not self.rag:
             return "no retrieval"
-        return f"retrieval: {self.cfg['retriever']} top-{self.topk} over {len(self.chunks)} chunks"
+        return (f"retrieval: {self.cfg['retriever']} top-{self.topk} over {len(self.chunks)} chunks of "
+                f"{self.cfg['chunk_size']} characters, as in {self.cfg['sources_from']}")
 
     def start(self, question: str) -> Turn:
         """The question's prompt: the top-k chunks as <DOCUMENT>s (or the bare question without retrieval)."""

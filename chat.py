@@ -21,9 +21,9 @@ import signal
 import sys
 
 from assistant import Assistant, open_model
-from config import EVAL_SCHEMA, ConfigError, load_config_with_flags
-from llm_client import LLMFatalError, add_client_flags
-from raft_utils import InputError
+from cli import add_client_flags, add_source_flags, run_main
+from config import load_eval_config
+from errors import ConfigError, LLMFatalError
 
 DEFAULT_URL = "http://localhost:8000/v1"
 HANDOFF = "[handoff] The documents do not answer this question: please pass it to a person."
@@ -37,8 +37,7 @@ def parse_args(argv):
     p.add_argument("-m", "--model", help="served model name (default: the only model at -u)")
     p.add_argument("--model_path", help="a Hugging Face model folder to run in this process instead of a server")
     p.add_argument("-r", "--topk", type=int, help="chunks retrieved per question (default: rag_topk's first value)")
-    p.add_argument("-d", "--data_dir", help="documents folder")
-    p.add_argument("--chunk_size", type=int, help="characters per chunk (keep it equal to raft.py's)")
+    add_source_flags(p, reads_run_record=True)
     p.add_argument("--retriever", help="hybrid, dense or bm25")
     p.add_argument("--no-rag", dest="rag", action="store_false", help="ask the model without retrieved documents")
     p.add_argument("--show-reasoning", action="store_true", help="show the whole reply, chain of thought included")
@@ -137,7 +136,7 @@ def interactive(assistant, model, args) -> int:
 
 
 def run(args) -> int:
-    cfg = load_config_with_flags(args.config, EVAL_SCHEMA, args)
+    cfg = load_eval_config(args.config, args)
     if args.json and not args.question:
         raise ConfigError("--json needs --question (one-shot mode)")
     if sum([args.web, args.serve, bool(args.question)]) > 1:
@@ -162,15 +161,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (ConfigError, InputError, LLMFatalError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    return run_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

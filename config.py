@@ -5,23 +5,24 @@ a wrong type or a value out of range is a ConfigError whose message names the fi
 The shipped YAML files are the documentation of every key; the schemas here only say what is valid.
 """
 import difflib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import yaml
 
+from errors import ConfigError
 
 TOOLKIT_VERSION = "0.1.0"
-
-
-class ConfigError(Exception):
-    """A user mistake in a config file or a flag: the message says which key and what to do."""
 
 
 @dataclass(frozen=True)
 class Key:
     kind: type | tuple          # accepted Python type(s) after YAML parsing
     check: Optional[Callable[[Any], Optional[str]]] = None  # returns a problem description, or None
+    default: Any = None         # recipe schemas only (FINETUNE_SCHEMA): the value when neither file nor flag sets it
+    help: str = ""              # recipe schemas only: the flag's help
 
 
 def probability(value) -> Optional[str]:
@@ -39,6 +40,11 @@ def positive(value) -> Optional[str]:
 def positive_ints(value) -> Optional[str]:
     ok = value and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
     return None if ok else f"must be a non-empty list of whole numbers greater than 0, got {value!r}"
+
+
+def strings(value) -> Optional[str]:
+    ok = value and all(isinstance(v, str) and v for v in value)
+    return None if ok else f"must be a non-empty list of names, got {value!r}"
 
 
 def one_of(*choices) -> Callable[[Any], Optional[str]]:
@@ -94,8 +100,8 @@ def validate_value(source: str, name: str, value, key: Key):
     return value
 
 
-def load_config(path: str, schema: dict[str, Key]) -> dict:
-    """Read a YAML file and validate it against the schema."""
+def _read_mapping(path: str) -> dict:
+    """A YAML file's top-level mapping, or a ConfigError naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
@@ -107,11 +113,21 @@ def load_config(path: str, schema: dict[str, Key]) -> dict:
         raise ConfigError(f"{path}: not valid YAML{where}: fix the syntax") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping of keys to values")
+    return raw
+
+
+def _reject_unknown(path: str, raw: dict, schema: dict[str, Key]):
     for name in raw:
         if name not in schema:
             close = difflib.get_close_matches(str(name), schema, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{path}: unknown key '{name}'{hint}")
+
+
+def load_config(path: str, schema: dict[str, Key]) -> dict:
+    """Read a YAML file and validate it against the schema: every key present, none unknown."""
+    raw = _read_mapping(path)
+    _reject_unknown(path, raw, schema)
     missing = [name for name in schema if name not in raw]
     if missing:
         raise ConfigError(f"{path}: missing key(s) {', '.join(missing)}: copy them from the shipped file")
@@ -133,7 +149,8 @@ def load_config_with_flags(path: str, schema: dict[str, Key], flags) -> dict:
     return apply_overrides(load_config(path, schema), overrides, schema)
 
 
-# Keys both configs have: the sources and their chunking (the retriever must chunk as raft.py did), and the client.
+# The documents and their chunking: set in raft.yaml, recorded in raft.py's raft_run.json and read back from there by
+# the evaluation and the chatbot (generation_settings), whose retriever must see the chunks the teacher was asked about.
 SOURCE_KEYS: dict[str, Key] = {
     "data_dir": Key(str),
     "xml_path": Key(str),
@@ -148,6 +165,9 @@ CLIENT_KEYS: dict[str, Key] = {
     "tpm": Key(int, non_negative),
     "rate_limit_wait": Key(float, positive),
 }
+# What the evaluation and the chatbot take from the generation run besides the sources: the label of its refusal
+# examples, which is how a refusal is recognised.
+GENERATION_KEYS: dict[str, Key] = {**SOURCE_KEYS, "refusal_answer": Key(str)}
 
 
 # The schema of raft.yaml; raft.yaml itself documents what each key means.
@@ -180,7 +200,7 @@ RAFT_SCHEMA: dict[str, Key] = {
 # The schema of raft_eval_config.yaml (evaluation and chat; rag_prompt also for fine-tuning).
 EVAL_SCHEMA: dict[str, Key] = {
     "eval_file": Key(str),
-    **SOURCE_KEYS,
+    "raft_run": Key(str),
     "rag_topk": Key(list, positive_ints),
     "retriever": Key(str, one_of("hybrid", "dense", "bm25")),
     "embedding_model": Key(str),
@@ -207,3 +227,91 @@ EVAL_SCHEMA: dict[str, Key] = {
     "rag_prompt": Key(list, chat_messages("instruction")),
     "judge_prompt": Key(list, chat_messages("question", "gold_answer", "answer")),
 }
+
+
+RUN_RECORD = "raft_run.json"      # raft.py's record of a run's settings, beside its dataset
+
+
+def generation_settings(raft_run: str, raft_config: str, required: bool) -> tuple[dict, str]:
+    """(the GENERATION_KEYS, where they were read): from raft_run (raft.py's output folder or its raft_run.json)
+    when it exists; otherwise from the generation config raft_config, unless `required` (the user named the run)."""
+    record = Path(raft_run) / RUN_RECORD if raft_run and Path(raft_run).is_dir() else Path(raft_run or RUN_RECORD)
+    if raft_run and record.is_file():
+        try:
+            settings = json.loads(record.read_text(encoding="utf-8"))["config"]
+            return {name: validate_value(str(record), name, settings[name], key)
+                    for name, key in GENERATION_KEYS.items()}, str(record)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{record} is not a raft.py run record ({type(e).__name__}: {e}): pass raft.py's "
+                              "output folder with --raft_run") from None
+    if required:
+        raise ConfigError(f"--raft_run {raft_run}: no {RUN_RECORD} there: pass the output folder of a finished "
+                          "raft.py run")
+    config = load_config(raft_config, RAFT_SCHEMA)
+    return {name: config[name] for name in GENERATION_KEYS}, raft_config
+
+
+def load_eval_config(path: str, flags) -> dict:
+    """raft_eval_config.yaml with its flags, plus the generation run's sources, chunking and refusal answer
+    (generation_settings), which the source flags override. cfg["sources_from"] says where they were read."""
+    cfg = load_config_with_flags(path, EVAL_SCHEMA, flags)
+    named = getattr(flags, "raft_run", None)
+    generation, origin = generation_settings(named or cfg["raft_run"], cfg["raft_config"], required=bool(named))
+    overrides = {name: getattr(flags, name, None) for name in SOURCE_KEYS}
+    return {**cfg, **apply_overrides(generation, overrides, SOURCE_KEYS), "sources_from": origin}
+
+
+# The schema of a fine-tuning recipe (finetune/configs/*.yaml, finetune/finetuning.py --config): a recipe sets any of
+# these keys, every key is also a flag of the same name (the flag wins), and a key set by neither takes its default.
+FINETUNE_SCHEMA: dict[str, Key] = {
+    "model_name": Key(str, default="", help="Hugging Face model folder or name, or a .gguf file (required)"),
+    "dataset": Key(str, one_of("raft"), default="raft", help="the dataset format"),
+    "data_path": Key(list, strings, default=[], help="one or more raft.jsonl files, used together (required)"),
+    "prompt_config": Key(str, default="raft_eval_config.yaml", help="YAML holding rag_prompt"),
+    "enable_fsdp": Key(bool, default=False, help="shard with FSDP2 (needed for more than one process)"),
+    "lr": Key(float, positive, default=1e-5, help="AdamW learning rate"),
+    "weight_decay": Key(float, non_negative, default=0.0, help="AdamW weight decay"),
+    "context_length": Key(int, positive, default=8192, help="tokens per row; longer examples are cut"),
+    "num_epochs": Key(int, positive, default=1, help="passes over the training rows"),
+    "batch_size_training": Key(int, positive, default=1, help="rows per micro-batch and process"),
+    "gradient_accumulation_steps": Key(int, positive, default=1, help="micro-batches per optimizer step"),
+    "batching_strategy": Key(str, one_of("packing", "padding"), default="packing",
+                             help="packing: examples end to end in rows of context_length; padding: one per row"),
+    "run_validation": Key(bool, default=True, help="hold out val_split of the questions and report their loss"),
+    "val_split": Key(float, probability, default=0.1, help="share of records held out, whole questions at a time"),
+    "mixed_precision": Key((str, bool), one_of("auto", True, False), default="auto",
+                           help="bf16 compute with fp32 master weights: auto (where bf16 is native), true or false"),
+    "pure_bf16": Key(bool, default=False, help="bf16 weights too (does not learn at lr 1e-5)"),
+    "cpu_threads": Key(int, non_negative, default=0,
+                       help="threads per process on a CPU (0: the usable cores / processes on the node)"),
+    "gradient_checkpointing": Key(bool, default=False, help="recompute activations: less memory"),
+    "use_fast_kernels": Key(bool, default=False, help="flash attention 2 where installed, else SDPA"),
+    "max_steps": Key(int, non_negative, default=0, help="stop after this many optimizer steps in all (0: no limit)"),
+    "seed": Key(int, default=42, help="seed of the data order and the model's randomness"),
+    "dist_checkpoint_root_folder": Key(str, default="checkpoints", help="root of the run's checkpoint folder"),
+    "dist_checkpoint_folder": Key(str, default="fine-tuned", help="the run's folder under the root"),
+    "save_every": Key(int, non_negative, default=0, help="also checkpoint every N steps (0: at epoch ends)"),
+    "resume": Key(bool, default=False, help="continue from the newest checkpoint in the folder (any number of ranks)"),
+    "keep_checkpoints": Key(int, non_negative, default=2, help="keep the newest N step_* checkpoints (0: keep all)"),
+    "save_checkpoints": Key(bool, default=True, help="false for a throughput measurement"),
+    "log_every": Key(int, positive, default=10, help="record the training loss every N steps"),
+    "use_peft": Key(bool, default=False, help="train a LoRA adapter instead of every weight"),
+    "peft_method": Key(str, one_of("lora"), default="lora", help="the adapter kind"),
+    "lora_r": Key(int, positive, default=8, help="rank of the LoRA update matrices"),
+    "lora_alpha": Key(int, positive, default=32, help="LoRA scaling: the update is multiplied by alpha / r"),
+    "lora_dropout": Key(float, probability, default=0.05, help="dropout on the LoRA input"),
+    "lora_target_modules": Key(list, strings, default=["q_proj", "v_proj"],
+                               help="linear layers that get an adapter (k_proj o_proj gate_proj up_proj down_proj: more)"),
+    "use_wandb": Key(bool, default=False, help="also log to Weights & Biases (rank 0)"),
+    "wandb_project": Key(str, default="raft-finetune", help="the Weights & Biases project"),
+}
+
+
+def load_recipe(path: Optional[str], schema: dict[str, Key], flags: dict) -> dict:
+    """A recipe (any subset of the schema's keys, or no file), then the flags given, then the defaults."""
+    settings = {name: key.default for name, key in schema.items()}
+    if path:
+        raw = _read_mapping(path)
+        _reject_unknown(path, raw, schema)
+        settings.update({name: validate_value(path, name, value, schema[name]) for name, value in raw.items()})
+    return apply_overrides(settings, flags, schema)

@@ -16,25 +16,20 @@ What it adds to a plain HTTP call, and why:
 import asyncio
 import collections
 import email.utils
-import hashlib
 import heapq
 import itertools
 import json
-import os
 import random
-import sqlite3
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Optional, Sequence
 from urllib.parse import urlsplit
 
 import aiohttp
 from tqdm import tqdm
 
-
-class LLMFatalError(Exception):
-    """A problem no retry can fix: the message says what the user has to change."""
+from errors import LLMFatalError
+from reply_cache import ResponseCache, cache_key
 
 
 @dataclass
@@ -63,78 +58,6 @@ def public_host(url: str) -> str:
     parts = urlsplit(url)
     host = parts.hostname or ""
     return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}"
-
-
-def cache_key(model: str, messages: Sequence[dict], params: dict, fingerprint: str = "") -> str:
-    """The reply cache's key. `fingerprint` stands for what the server says about the model behind the name (see
-    ChatClient.model_description): a different model served under the same name gets other keys."""
-    blob = json.dumps({"model": model, "messages": list(messages), "params": params,
-                       **({"fingerprint": fingerprint} if fingerprint else {})}, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-class ResponseCache:
-    """Finished replies in an SQLite file (WAL mode), one row per request key, so that neither a run's memory nor
-    the time to open a cache grows with it (a million replies open in milliseconds; a lookup is one indexed read).
-    Each reply is committed as it arrives: a run killed with kill -9 loses only the requests in flight.
-
-    A path ending in .jsonl names an earlier version's append-only JSON-lines cache: the database is the same
-    path with .sqlite, and the JSON lines are imported into it on first use (a torn last line is skipped)."""
-
-    def __init__(self, path: str):
-        given = Path(path)
-        self.path = given.with_suffix(".sqlite") if given.suffix == ".jsonl" else given
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.torn_lines = 0
-        # isolation_level=None: autocommit, every put is its own transaction. synchronous=NORMAL in WAL mode keeps
-        # committed rows through a process crash (not through a power cut, which would cost a few replies).
-        self.db = sqlite3.connect(self.path, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, text TEXT NOT NULL, "
-                        "prompt_tokens INTEGER, completion_tokens INTEGER, truncated INTEGER)")
-        self.db.execute("CREATE TABLE IF NOT EXISTS imported (file TEXT PRIMARY KEY)")
-        legacy = given.with_suffix(".jsonl")
-        if legacy.exists():
-            self._import(legacy)
-
-    def _import(self, legacy: Path):
-        if self.db.execute("SELECT 1 FROM imported WHERE file = ?", (str(legacy.resolve()),)).fetchone():
-            return
-        rows = []
-        with open(legacy, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                    rows.append((r["key"], r["text"], r["prompt_tokens"], r["completion_tokens"],
-                                 int(bool(r.get("truncated")))))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    self.torn_lines += 1
-        with self.db:      # one transaction: all of the file or nothing
-            self.db.execute("BEGIN")
-            self.db.executemany("INSERT OR IGNORE INTO replies VALUES (?, ?, ?, ?, ?)", rows)
-            self.db.execute("INSERT INTO imported VALUES (?)", (str(legacy.resolve()),))
-
-    def get(self, key: str) -> Optional[dict]:
-        row = self.db.execute("SELECT text, prompt_tokens, completion_tokens, truncated FROM replies WHERE key = ?",
-                              (key,)).fetchone()
-        if row is None:
-            return None
-        return {"key": key, "text": row[0], "prompt_tokens": row[1], "completion_tokens": row[2],
-                "truncated": bool(row[3])}
-
-    def put(self, key: str, text: str, prompt_tokens: int, completion_tokens: int, truncated: bool = False):
-        self.db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?)",
-                        (key, text, prompt_tokens, completion_tokens, int(truncated)))
-
-    def keys(self) -> set[str]:
-        return {row[0] for row in self.db.execute("SELECT key FROM replies")}
-
-    def __len__(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
-
-    def close(self):
-        self.db.close()
 
 
 class PriorityGate:
@@ -554,37 +477,3 @@ class ChatClient:
             raise LLMFatalError(f"{public_host(url)} did not finish the reply within {self.timeout:g} s") from None
         except aiohttp.ClientError as e:
             raise LLMFatalError(f"cannot reach {public_host(url)} ({type(e).__name__}): is the server running?") from None
-
-
-# ---- the client settings, written once for raft.py, raft_eval.py and chat.py ------------------------------------
-def add_client_flags(parser):
-    """The flags of the client keys (config.CLIENT_KEYS, same names), the API key and --no_preflight."""
-    parser.add_argument("-k", "--api_key", default="EMPTY", help="API key; the API_KEY environment variable wins over it")
-    parser.add_argument("--max_in_flight", type=int, help="requests in flight at once per server")
-    parser.add_argument("--rpm", type=int, help="requests per minute limit (your API plan's)")
-    parser.add_argument("--tpm", type=int, help="tokens per minute limit (your API plan's)")
-    parser.add_argument("--timeout", type=float, dest="request_timeout", help="seconds per request")
-    parser.add_argument("--max_retries", type=int, help="retries of a failed request (429s excepted)")
-    parser.add_argument("--rate_limit_wait", type=float,
-                        help="seconds a request may wait out HTTP 429s in all before it is dropped (default 600)")
-    parser.add_argument("--no_preflight", action="store_true",
-                        help="do not ask /models first (gateways that do not list models): then -m is needed")
-
-
-def client_from_config(cfg: dict, args, urls: Sequence[str], model: str, cache_path: Optional[str],
-                       **overrides) -> ChatClient:
-    """A client with the config's client keys (flags already merged in) and the key from API_KEY or -k."""
-    settings = dict(urls=list(urls), api_key=os.environ.get("API_KEY") or args.api_key, model=model or "",
-                    max_in_flight=cfg["max_in_flight"], timeout=cfg["request_timeout"],
-                    max_retries=cfg["max_retries"], rpm=cfg["rpm"], tpm=cfg["tpm"],
-                    rate_limit_wait=cfg["rate_limit_wait"], cache_path=cache_path)
-    return ChatClient(**{**settings, **overrides})
-
-
-def connect(client: ChatClient, args) -> str:
-    """The model name to use: checked against /models (preflight), or, with --no_preflight, the one given."""
-    if not getattr(args, "no_preflight", False):
-        return client.preflight()
-    if not client.model:
-        raise LLMFatalError("--no_preflight needs the model name: pass it with -m")
-    return client.model

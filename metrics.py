@@ -14,7 +14,7 @@ import numpy as np
 
 from rouge_score import rouge_scorer
 
-from raft_utils import content_words, final_answer
+from text import content_words, final_answer
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 SUPPORT_THRESHOLD = 0.5      # "most" of the gold answer's content words must appear in the retrieved text

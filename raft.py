@@ -12,26 +12,25 @@ Settings live in raft.yaml (-c); the flags below override them.
 import argparse
 import asyncio
 import collections
-import errno
 import hashlib
 import json
-import multiprocessing
 import os
-import queue
-import signal
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Optional
 
 from tqdm import tqdm
 
 import format as formats
-from config import RAFT_SCHEMA, TOOLKIT_VERSION, ConfigError, fill_prompt, load_config_with_flags
-from llm_client import ChatResult, LLMFatalError, add_client_flags, client_from_config, connect, public_host
-from raft_utils import (QA, Assembler, AssemblySettings, InputError, chunks_needed, final_answer, load_chunks,
-                        normalise, parse_questions, quotes_verified)
+from cli import add_client_flags, add_source_flags, client_from_config, connect, run_main
+from config import RAFT_SCHEMA, TOOLKIT_VERSION, fill_prompt, load_config_with_flags
+from documents import load_chunks
+from errors import InputError, OutputError
+from llm_client import ChatResult, public_host
+from raft_utils import QA, AssemblySettings, chunks_needed, parse_questions, quotes_verified
+from record_writer import RecordWriter, what_to_do_about
+from text import final_answer, normalise
 
 DEFAULT_URL = "http://localhost:8001/v1"
 
@@ -43,11 +42,7 @@ def parse_args(argv):
     p.add_argument("-m", "--model", help="teacher model name (default: the only model the server lists)")
     p.add_argument("-t", "--questions_per_chunk", type=int, help="questions per chunk")
     p.add_argument("-o", "--output", help="output folder")
-    p.add_argument("--chunk_size", type=int, help="characters per chunk")
-    p.add_argument("--data_dir", help="documents folder")
-    p.add_argument("--xml_path", help="local sitemap XML whose pages are fetched")
-    p.add_argument("--insecure", action="store_const", const=False, dest="verify_ssl",
-                   help="do not verify TLS certificates of sitemap pages")
+    add_source_flags(p, reads_run_record=False)
     p.add_argument("--seed", type=int)
     add_client_flags(p)
     p.add_argument("--output_format", choices=formats.FORMATS)
@@ -210,101 +205,6 @@ def print_summary(stats, client, target, skipped, seconds):
     print("\n".join(lines))
 
 
-class OutputError(Exception):
-    """The records could not be written (a full disk, a folder without write permission)."""
-
-
-def write_records(chunks, settings, seed, stream: Path, folder: Path, windows, results):
-    """The record writer process: assemble the QAs of each window into records and write them (raft.jsonl's
-    lines and the Hugging Face dataset); returns the counts, or the reason it failed, through `results`."""
-    try:
-        import datasets  # noqa: F401 -- 0.7 s, needed to finish the dataset folder: taken while the teacher works
-        assembler = Assembler(chunks, settings, seed)
-        sink = formats.RecordSink(stream, folder)
-        counts = collections.Counter(examples=0, **{"oracle-free": 0, "refusal": 0})
-        while (qas := next_window(windows)) is not None:
-            for record in assembler.records(qas):
-                sink.add(record)
-                counts["examples"] += 1
-                counts["oracle-free"] += not record["oracle_present"] and record["id"].startswith("seed")
-                counts["refusal"] += record["id"].startswith("refusal")
-        sink.close()
-        results.put(counts)
-    except OSError as e:
-        results.put(f"writing the records into {folder} failed ({e}): {what_to_do_about(e)}")
-    except BaseException:
-        traceback.print_exc()
-        results.put("the record writer failed (its traceback is above)")
-
-
-def what_to_do_about(error: OSError) -> str:
-    """The advice for a failed write, by its cause: space, permission, or neither."""
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "free space there or choose another -o"
-    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "make the folder writable or choose another -o"
-    return "choose another -o"
-
-
-def next_window(windows) -> Optional[list[QA]]:
-    """The next window's QAs, or None at the end; the writer exits if raft.py died without saying so (kill -9)."""
-    parent = multiprocessing.parent_process()
-    while True:
-        try:
-            return windows.get(timeout=1.0)
-        except queue.Empty:
-            if not parent.is_alive():
-                sys.exit(1)
-
-
-class RecordWriter:
-    """Records are assembled and written in a second process while this one drives the teacher, so that the two
-    halves of the work run on two cores (a re-run from the cache takes about half the time it would in one
-    process). The process is forked with the chunks in its memory and is handed the QAs window by window; the
-    queue holds one window, so memory stays bounded by the window."""
-
-    def __init__(self, chunks, settings: AssemblySettings, seed: int, stream: Path, folder: Path):
-        # fork: no copy of the chunks to send, no second start-up (spawn's re-import cost 0.3 s of the 8 s that
-        # raft.py takes at 64 in flight on 383 chunks). The caller forks before it has threads or connections.
-        context = multiprocessing.get_context("fork")
-        self.windows, self.results = context.Queue(maxsize=1), context.Queue()
-        self.process = context.Process(target=write_records, name="raft-record-writer", daemon=True,
-                                       args=(chunks, settings, seed, stream, folder, self.windows, self.results))
-        # Ctrl-C reaches every process of the terminal's group: the writer ignores it (inherited) and is stopped
-        # by this process instead.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            self.process.start()
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-    def add(self, qas: list[QA]):
-        """Hand over a window's QAs; waits while the writer is still busy with the previous window."""
-        self._until_done(lambda: self.windows.put(qas, timeout=0.5))
-
-    def finish(self) -> collections.Counter:
-        """Wait for the last records to be written; returns the counts of examples written."""
-        self.add(None)
-        outcome = self._until_done(lambda: self.results.get(timeout=0.5))
-        self.process.join()
-        if isinstance(outcome, str):
-            raise OutputError(outcome)
-        return outcome
-
-    def abandon(self):
-        """After an interruption: stop the writer where it is (the dataset folder is left unfinished)."""
-        self.process.terminate()
-        self.process.join()
-
-    def _until_done(self, step):
-        while True:
-            try:
-                return step()
-            except (queue.Full, queue.Empty):
-                if not self.process.is_alive() and self.results.empty():
-                    raise OutputError(f"the record writer stopped (exit code {self.process.exitcode})") from None
-
-
 def generate(client, cfg, chunks, asked, writer: RecordWriter, stats):
     """Window after window: the teacher's questions and answers for the window's chunks, handed to the record
     writer, which appends their records to raft.jsonl's stream and to the Hugging Face dataset. Memory is bounded
@@ -376,12 +276,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (ConfigError, InputError, LLMFatalError, OutputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -34,10 +34,13 @@ from typing import Optional
 import format as formats
 import metrics
 import report
-from config import (EVAL_SCHEMA, RAFT_SCHEMA, TOOLKIT_VERSION, ConfigError, fill_prompt, load_config,
-                    load_config_with_flags)
-from llm_client import ChatClient, LLMFatalError, add_client_flags, client_from_config, connect, public_host
-from raft_utils import InputError, final_answer, instruction, load_chunks
+from cli import add_client_flags, add_source_flags, client_from_config, connect, run_main
+from config import TOOLKIT_VERSION, fill_prompt, load_eval_config
+from documents import load_chunks
+from errors import ConfigError, InputError, LLMFatalError
+from llm_client import ChatClient, public_host
+from raft_utils import instruction
+from text import final_answer
 from retrieval import KINDS, build_retrievers, settings_from_config
 
 DEFAULT_URL = "http://localhost:8000/v1"
@@ -55,15 +58,12 @@ def parse_args(argv):
     p.add_argument("--baseline", action="append", default=[], metavar="NAME=URL",
                    help="a baseline system: served model name and its API base URL; repeatable")
     p.add_argument("-r", "--rag_topk", type=int, nargs="+", help="chunks retrieved per question; several = a sweep")
-    p.add_argument("-d", "--data_dir", help="documents folder")
+    add_source_flags(p, reads_run_record=True)
     p.add_argument("-o", "--output", help="output folder")
-    p.add_argument("--chunk_size", type=int, help="characters per chunk (keep it equal to raft.py's)")
     p.add_argument("--eval_file", help="JSON list of {question, answer}")
     p.add_argument("--retriever", help=f"one of {', '.join(KINDS)}")
     p.add_argument("--limit", type=int, help="evaluate the first N questions only (a quick trial)")
     p.add_argument("--max_tokens", type=int, dest="answer_max_tokens", help="longest answer, in tokens")
-    p.add_argument("--insecure", action="store_const", const=False, dest="verify_ssl",
-                   help="do not verify TLS certificates of sitemap pages")
     add_client_flags(p)
     p.add_argument("--draft_from", help="write a draft eval file from this RAFT dataset (JSONL or save_to_disk "
                                         "folder) and stop")
@@ -231,6 +231,14 @@ def judge_all(judge: ChatClient, cfg, questions, entries: list[tuple[int, dict]]
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
+def load_run_chunks(cfg) -> tuple:
+    """The documents and chunks the retriever searches, as the generation run made them; says where from."""
+    loaded, chunks, _ = load_chunks(cfg["data_dir"], cfg["xml_path"], cfg["verify_ssl"], cfg["chunk_size"])
+    print(f"documents {cfg['data_dir'] or cfg['xml_path']}: {len(loaded.documents)} documents, {len(chunks)} chunks "
+          f"of {cfg['chunk_size']} characters (settings of {cfg['sources_from']})", flush=True)
+    return loaded, chunks
+
+
 def clamp_topks(topks: list[int], chunk_count: int) -> list[int]:
     kept = sorted({min(k, chunk_count) for k in topks})
     if max(topks) > chunk_count:
@@ -279,15 +287,15 @@ def close_all(endpoints: list[Endpoint]):
 
 def run(args) -> int:
     started = time.time()
-    cfg = load_config_with_flags(args.config, EVAL_SCHEMA, args)
+    cfg = load_eval_config(args.config, args)
     output = Path(cfg["output"])
     if args.draft_from:
         return write_draft(args, output)
     baselines = [parse_baseline(spec) for spec in args.baseline]
     questions = read_eval_file(cfg["eval_file"])[:args.limit]
-    refusal_answer = load_config(cfg["raft_config"], RAFT_SCHEMA)["refusal_answer"]
+    refusal_answer = cfg["refusal_answer"]
     overlap = training_overlap(questions, args.train_data) if args.train_data else None
-    loaded, chunks, _ = load_chunks(cfg["data_dir"], cfg["xml_path"], cfg["verify_ssl"], cfg["chunk_size"])
+    loaded, chunks = load_run_chunks(cfg)
     topks = clamp_topks(cfg["rag_topk"], len(chunks))
     endpoints = open_endpoints(cfg, args, baselines, output)
     *systems, judge = endpoints
@@ -339,6 +347,7 @@ def run(args) -> int:
     calibration = metrics.calibration_summary(controls, cfg["judge_min_rate"]) if controls else None
     settings = {"tool": "raft-toolkit", "version": TOOLKIT_VERSION, "questions": len(questions),
                 "eval_file": cfg["eval_file"], "sources": cfg["data_dir"] or cfg["xml_path"],
+                "sources_from": cfg["sources_from"],
                 "documents": len(loaded.documents), "chunks": len(chunks), "chunk_size": cfg["chunk_size"],
                 "retriever": cfg["retriever"], "embedding_model": cfg["embedding_model"], "rag_topk": topks,
                 "judge_model": judge.name, "endpoints": {s.name: public_host(s.url) for s in endpoints},
@@ -401,16 +410,8 @@ def print_summary(results, endpoints, paths, seconds):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (ConfigError, InputError, LLMFatalError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished replies are kept in the output folder's cache; run the same command again "
-              "to resume", file=sys.stderr)
-        return 130
+    return run_main(run, parse_args(argv), "interrupted: finished replies are kept in the output folder's cache; "
+                                           "run the same command again to resume")
 
 
 if __name__ == "__main__":

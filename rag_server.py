@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from assistant import Assistant
-from llm_client import LLMFatalError
+from errors import LLMFatalError
 
 EXTRA_FIELDS = ("sources", "handoff", "reasoning")
 

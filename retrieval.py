@@ -28,7 +28,9 @@ from typing import Optional, Protocol, Sequence
 import numpy as np
 
 from hardware import compute_dtype
-from raft_utils import STOPWORDS, Chunk, InputError, content_words
+from documents import Chunk
+from errors import InputError
+from text import STOPWORDS, content_words
 
 KINDS = ("hybrid", "dense", "bm25")
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"

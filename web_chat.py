@@ -1,7 +1,7 @@
 """The chatbot as a web page (Gradio), for the people who will try the bot.
 
   python chat.py -u http://localhost:8000/v1 --web                    # http://127.0.0.1:7860
-  python chat.py --model_path output/demo/raft-smollm2-hf --chunk_size 500 --web --port 7861
+  python chat.py --model_path output/demo/raft-smollm2-hf --raft_run output/demo/data --web --port 7861
 
 The answer streams in as it is written, only its answer part unless "show reasoning" is ticked; the chunks it was
 given are listed, with their file and rank, under "Sources of the last answer". A reply that declines is shown
@@ -19,7 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")      # no calls home:
 import gradio as gr  # noqa: E402
 
 from assistant import Assistant, append_jsonl  # noqa: E402
-from llm_client import LLMFatalError  # noqa: E402
+from errors import LLMFatalError  # noqa: E402
 
 HANDOFF_TEXT = ("**This needs a person.** The documents do not answer this question, so it has been passed to "
                 "the support team.")

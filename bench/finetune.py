@@ -63,7 +63,8 @@ def build_model(kind: str, folder: Path):
 
 def raft_records_from_data(n: int, seed: int = 0) -> list[dict]:
     """RAFT records over data/'s chunks, shaped as raft.py writes them (the teacher's part is synthetic)."""
-    from raft_utils import QA, AssemblySettings, assemble, load_documents, split_documents
+    from documents import load_documents, split_documents
+    from raft_utils import QA, AssemblySettings, assemble
     chunks, _ = split_documents(load_documents(str(ROOT / "data"), "").documents, 1000)
     rng = random.Random(seed)
     qas = []

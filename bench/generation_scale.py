@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from generation import loopback_server, write_corpus  # noqa: E402
-from llm_client import ResponseCache  # noqa: E402
+from reply_cache import ResponseCache  # noqa: E402
 
 REQUESTS_PER_CHUNK = 5       # one question request, four answers (-t 4)
 

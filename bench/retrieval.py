@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 import metrics  # noqa: E402
-from raft_utils import content_words, load_documents, split_documents  # noqa: E402
+from documents import load_documents, split_documents  # noqa: E402
+from text import content_words  # noqa: E402
 from retrieval import (DEFAULT_EMBEDDING_MODEL, BM25Index, DenseIndex, Embedder, EmbeddingCache,  # noqa: E402
                        QueryRewriter, SearchSettings, build_retriever, embedding_model_path,
                        reciprocal_rank_fusion, vector_index, HNSW_NEIGHBOURS, HNSW_SEARCH)

@@ -21,7 +21,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))    # run as a script: the repo's modules
-from finetune.checkpoints import LATEST, CheckpointError, read_latest  # noqa: E402
+from errors import CheckpointError  # noqa: E402
+from finetune.checkpoints import LATEST, read_latest  # noqa: E402
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CONVERT_SCRIPT = Path(__file__).resolve().parent.parent / ".venv-teacher" / "llama.cpp" / "convert_hf_to_gguf.py"

@@ -24,11 +24,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from errors import CheckpointError
+
 LATEST = "latest.json"
-
-
-class CheckpointError(Exception):
-    """A checkpoint folder that cannot be used: the message names it and says what to do."""
 
 
 def write_json_atomically(path: Path, value: dict):

@@ -8,8 +8,8 @@ sources of pairs, alone or together:
 
 --documents: the documents themselves (the inverse cloze task). Each sentence of a chunk is a query, and the
 chunk with that sentence cut out is the passage it must find: the model learns which passages belong with which
-statements in your documents' vocabulary, with no question written by anyone. Chunk them as raft.py and
-raft_eval.py do (--chunk_size).
+statements in your documents' vocabulary, with no question written by anyone. They are chunked as the generation
+run did (--raft_run, default ./output; raft.yaml's chunk_size when there is no run; --chunk_size overrides).
 --data_path: the teacher's RAFT questions with their oracle chunks. Keep the eval questions out of the training
 data (raft_eval.py --draft_from writes such a file).
 
@@ -29,9 +29,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))    # run as a script: the repo's modules
 
-from finetune.raft_dataset import DataError, load_records  # noqa: E402
+from cli import run_main  # noqa: E402
+from config import generation_settings  # noqa: E402
+from documents import load_chunks  # noqa: E402
+from errors import InputError  # noqa: E402
+from finetune.raft_dataset import load_records  # noqa: E402
 from hardware import compute_dtype  # noqa: E402
-from raft_utils import InputError, load_chunks  # noqa: E402
 from retrieval import DEFAULT_EMBEDDING_MODEL, Embedder, embedding_model_path  # noqa: E402
 
 MIN_QUERY_WORDS = 6       # shorter sentences ("See below.", headings) say too little to be a query
@@ -147,17 +150,20 @@ def accuracy_at_1(embedder: Embedder, pairs: list[Pair], chunks: list[str]) -> f
 def training_pairs(args, rng: random.Random) -> list[Pair]:
     pairs = []
     if args.documents:
-        _, chunks, _ = load_chunks(args.documents, "", True, args.chunk_size)
+        generation, _ = generation_settings(args.raft_run or "./output", "raft.yaml", required=bool(args.raft_run))
+        _, chunks, _ = load_chunks(args.documents, "", True, args.chunk_size or generation["chunk_size"])
         pairs += document_pairs([c.text for c in chunks], rng)
     if args.data_path:
         pairs += raft_pairs(load_records(args.data_path))
     return pairs
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--documents", help="a documents folder: pairs cut from its chunks (no LLM needed)")
-    p.add_argument("--chunk_size", type=int, default=1000, help="characters per chunk (keep it equal to raft.py's)")
+    p.add_argument("--raft_run", help="raft.py's output folder, whose chunk size is used (default ./output, else "
+                                      "raft.yaml's)")
+    p.add_argument("--chunk_size", type=int, help="characters per chunk (default: the generation run's)")
     p.add_argument("--data_path", nargs="+", help="raft.jsonl file(s) written by raft.py: question/oracle pairs")
     p.add_argument("--output", required=True, help="folder of the tuned model (a sentence-transformers folder)")
     p.add_argument("--base", default=DEFAULT_EMBEDDING_MODEL, help=f"the model to start from ({DEFAULT_EMBEDDING_MODEL})")
@@ -168,16 +174,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.documents and not args.data_path:
         p.error("give --documents, --data_path or both")
+    return args
+
+
+def train(args) -> int:
     rng = random.Random(args.seed)
-    try:
-        pairs = training_pairs(args, rng)
-    except (DataError, InputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    pairs = training_pairs(args, rng)
     if len(pairs) < 10:
         sources = ", ".join(filter(None, [args.documents, *(args.data_path or [])]))
-        print(f"error: {sources} holds {len(pairs)} query/passage pairs: at least 10 are needed", file=sys.stderr)
-        return 2
+        raise InputError(f"{sources} holds {len(pairs)} query/passage pairs: at least 10 are needed")
     rng.shuffle(pairs)
     held = max(1, min(len(pairs) // 10, MAX_HELD_OUT))
     held_out, train = pairs[:held], pairs[held:]
@@ -205,6 +210,10 @@ def main(argv=None) -> int:
           f"held-out accuracy@1 among {len(checked)} chunks: {before:.2f} before, {after:.2f} after "
           f"({len(held_out)} queries); the model is in {args.output}: set embedding_model to it")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(train, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -12,12 +12,9 @@ from dataclasses import dataclass, field
 
 import format as formats
 from config import fill_prompt
+from errors import DataError
 
 IGNORE_INDEX = -100          # the label PyTorch's cross-entropy skips
-
-
-class DataError(Exception):
-    """The training data or the tokenizer cannot be used: the message names the file or model and the fix."""
 
 
 def load_records(paths: list[str]) -> list[dict]:

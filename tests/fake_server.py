@@ -8,6 +8,7 @@ gets (request body, request number) and returns a Reply, or None for the default
 import hashlib
 import json
 import re
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,11 @@ from typing import Callable, Optional
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 512      # the stdlib default of 5 resets connections under concurrent load
+
+    def handle_error(self, request, client_address):
+        # A client that gives up closes its kept-alive connections (reset by peer): normal, not worth a traceback.
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
 
 
 @dataclass

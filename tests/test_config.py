@@ -5,7 +5,8 @@ import sys
 import pytest
 import yaml
 
-from config import RAFT_SCHEMA, ConfigError, apply_overrides, load_config, load_config_with_flags
+from config import RAFT_SCHEMA, apply_overrides, load_config, load_config_with_flags
+from errors import ConfigError
 from tests.conftest import ROOT
 
 

@@ -7,7 +7,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from raft_utils import InputError, html_to_text, load_documents, split_documents
+from documents import html_to_text, load_documents, split_documents
+from errors import InputError
 from tests.conftest import FIXTURES, ROOT
 
 
@@ -118,7 +119,7 @@ def test_sitemap_pages_are_fetched_concurrently_with_a_bound_and_retried(tmp_pat
     Retry-After are retried, a 404 is not."""
     import time
     from http.server import BaseHTTPRequestHandler
-    from raft_utils import SITEMAP_CONCURRENCY
+    from documents import SITEMAP_CONCURRENCY
     state = {"now": 0, "most": 0, "tries": {}}
     lock = threading.Lock()
 

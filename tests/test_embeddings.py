@@ -9,7 +9,7 @@ import sys
 
 import finetune.embeddings as embeddings
 from finetune.embeddings import KEEP_SENTENCE, Pair, checked_chunks, distinct_chunk_batches, document_pairs
-from raft_utils import Chunk
+from documents import Chunk
 from retrieval import build_retrievers
 from tests.conftest import ROOT
 

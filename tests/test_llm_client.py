@@ -7,7 +7,9 @@ import time
 
 import pytest
 
-from llm_client import ChatClient, LLMFatalError, RateLimiter, ResponseCache, cache_key
+from errors import LLMFatalError
+from llm_client import ChatClient, RateLimiter
+from reply_cache import ResponseCache, cache_key
 from tests.fake_server import FakeOpenAI, Reply
 
 HELLO = [{"role": "user", "content": "hello"}]

@@ -97,7 +97,7 @@ def test_reciprocal_rank_fusion_by_hand():
 
 
 def test_support_recall_by_hand():
-    from raft_utils import Chunk
+    from documents import Chunk
     chunks = [Chunk("Llama 3.1 reads 128K tokens.", "a"), Chunk("vLLM listens on port 8000.", "b")]
     rankings = [[1, 0], [0, 1], [0, 1]]
     answers = ["128K tokens", "port 8000", "Yes"]        # the third has no content word: left out

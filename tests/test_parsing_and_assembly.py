@@ -1,8 +1,9 @@
 """Parsing teacher output and assembling RAFT records."""
 import pytest
 
-from raft_utils import (QA, Assembler, AssemblySettings, Chunk, assemble, chunks_needed, final_answer, parse_questions,
-                        quotes_verified)
+from documents import Chunk
+from raft_utils import QA, Assembler, AssemblySettings, assemble, chunks_needed, parse_questions, quotes_verified
+from text import final_answer
 
 
 def test_questions_lose_numbering_bullets_quotes_and_headers():

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 import raft
-from llm_client import ResponseCache, cache_key
+from reply_cache import ResponseCache, cache_key
 from tests.conftest import ROOT, write_corpus
 from tests.fake_server import FakeOpenAI, Reply
 

@@ -5,7 +5,8 @@ import time
 import numpy as np
 import pytest
 
-from raft_utils import Chunk, InputError, load_documents, split_documents
+from documents import Chunk, load_documents, split_documents
+from errors import InputError
 from retrieval import (EmbeddingCache, QueryRewriter, SearchSettings, abbreviations, build_retrievers,
                        reciprocal_rank_fusion, search_terms, title_of, vector_index)
 
@@ -171,7 +172,8 @@ def test_above_the_threshold_the_index_is_approximate_and_finds_the_same_neighbo
 def test_the_dev_set_is_hard_checked_and_well_formed():
     """eval/dev_questions.json: written by hand as users ask; every supporting quote is in the documents, and the
     questions share at most half as many words with their passages as eval_llama.json's do."""
-    from raft_utils import content_words, load_chunks
+    from documents import load_chunks
+    from text import content_words
     from tests.conftest import ROOT
     items = json.loads((ROOT / "eval" / "dev_questions.json").read_text())
     _, chunks, _ = load_chunks(str(ROOT / "data"), "", True, 1000)
