@@ -1,36 +1,35 @@
 """Fine-tune a chat model on RAFT data with FSDP2: one GPU, many GPUs, or CPU processes.
 
-  # the recipe: Llama 3 8B Instruct, full fine-tune on 8 GPUs
+  # a recipe: every key of finetune/configs/*.yaml is also a flag of the same name, and the flag wins
+  torchrun --nnodes 1 --nproc_per_node 8 finetune/finetuning.py --config finetune/configs/llama3_8b_full.yaml \
+      --data_path output/raft.jsonl
+  # the recipe's original command line works as it is (no --config: every other key takes its default)
   torchrun --nnodes 1 --nproc_per_node 8 finetune/finetuning.py --enable_fsdp --lr 1e-5 --context_length 8192 \
       --num_epochs 1 --batch_size_training 1 --model_name meta-llama/Meta-Llama-3-8B-Instruct \
       --dist_checkpoint_root_folder ./raft-8b --dist_checkpoint_folder fine-tuned \
       --dataset raft --data_path output/raft.jsonl --run_validation True
-  # two nodes of 8 GPUs: the same command on each node, with torchrun's rendezvous flags
-  torchrun --nnodes 2 --nproc_per_node 8 --node_rank 0 --rdzv_backend c10d --rdzv_endpoint NODE0:29500 ...
-  # on a CPU, two processes over gloo
-  torchrun --standalone --nproc_per_node 2 finetune/finetuning.py --enable_fsdp ...
-  # or one plain process
-  python finetune/finetuning.py ...
+  # on a CPU, two processes over gloo (the demo's recipe); or one plain process: python finetune/finetuning.py ...
+  torchrun --standalone --nproc_per_node 2 finetune/finetuning.py --config finetune/configs/cpu_demo.yaml ...
+
+The run reads as a recipe: the settings (config.FINETUNE_SCHEMA) become a frozen RunPlan (model, precision,
+packing, sharding: decided once, before any weight is loaded); Trainer.setup() loads the data and the model and
+shards it, Trainer.train_epoch() runs one epoch, Trainer.finish() writes the last checkpoint and the metrics.
 
 Each decoder layer, then the root, is sharded with fully_shard (FSDP2); NCCL on CUDA, gloo on CPU. Weights and
-optimizer state stay fp32 ("master weights"); --mixed_precision auto (default) computes in bf16 where the hardware
-multiplies it natively (a GPU with bf16, a CPU with AMX or AVX512-BF16) and in float32 elsewhere, where bf16 is
-emulated and 40x slower (hardware.py decides; the log says what it chose and why). --pure_bf16 keeps the weights
-themselves in bf16: with AdamW at lr 1e-5 the updates then vanish below bf16's resolution and the model does not
-learn, so it is off by default. On a CPU each process uses its share of the node's cores (hardware.py).
+optimizer state stay fp32 ("master weights"); mixed_precision auto computes in bf16 where the hardware multiplies
+it natively (a GPU with bf16, a CPU with AMX or AVX512-BF16) and in float32 elsewhere, where bf16 is emulated and
+40x slower (hardware.py decides; the log says what it chose and why). pure_bf16 keeps the weights themselves in
+bf16: with AdamW at lr 1e-5 the updates then vanish below bf16's resolution and the model does not learn.
 
 Each epoch shuffles the rows once; an optimizer step takes the next world x batch x accumulation rows of that
 order, dealt to the ranks. The loss is the mean over every answer token of an optimizer step, across
 micro-batches and ranks, so that it does not depend on how the tokens are batched. Training steps run in train
 mode (dropout, gradient checkpointing), validation in eval mode without gradients, on every rank.
 
-Checkpoints (finetune/checkpoints.py: torch.distributed.checkpoint, one shard per rank) go to <root>/<folder>/step_N
-with the step, the data position in global terms and the RNG state; the newest --keep_checkpoints are kept.
---resume continues from the newest one with the same losses as an uninterrupted run, on the same number of ranks
-or another one. finetune/checkpoint_converter.py turns one into a Hugging Face folder.
-
-A user error (bad data, a context too short) is printed once, by the first rank that finds it, before any rank
-exits: torchrun stops the other processes as soon as one exits.
+Checkpoints (finetune/checkpoints.py) go to <root>/<folder>/step_N with the step, the data position in global terms
+and the RNG state; the newest keep_checkpoints are kept. resume continues from the newest one with the same losses
+as an uninterrupted run, on the same number of ranks or another one. finetune/checkpoint_converter.py turns one
+into a Hugging Face folder. A user error is printed once, by the first rank that finds it, before any rank exits.
 """
 import argparse
 import faulthandler
@@ -42,8 +41,9 @@ import resource
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -54,11 +54,14 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))    # run as a script: the repo's modules
 
-from config import EVAL_SCHEMA, ConfigError, load_config  # noqa: E402
-from hardware import compute_dtype, threads_per_process  # noqa: E402
+from config import EVAL_SCHEMA, FINETUNE_SCHEMA, load_config, load_recipe  # noqa: E402
+from errors import ConfigError, DataError  # noqa: E402
 from finetune import checkpoints  # noqa: E402
-from finetune.raft_dataset import (IGNORE_INDEX, DataError, collate, encode, join_rows, load_records, pack,  # noqa: E402
+from finetune.raft_dataset import (IGNORE_INDEX, collate, encode, join_rows, load_records, pack,  # noqa: E402
                                    split_by_question, unpacked)
+from hardware import compute_dtype, threads_per_process  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------ settings
 
 
 def str2bool(value: str) -> bool:
@@ -69,61 +72,118 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {value}")
 
 
-def mixed_precision_setting(value: str) -> str:
-    """auto, or a boolean spelled as str2bool accepts it; returned as the hardware.compute_dtype choice."""
-    if value.lower() == "auto":
-        return "auto"
-    return "bfloat16" if str2bool(value) else "float32"
+def mixed_precision_setting(value: str):
+    """auto, or a boolean spelled as str2bool accepts it."""
+    return "auto" if value.lower() == "auto" else str2bool(value)
 
 
-def parse_args(argv=None):
+def add_setting_flags(parser: argparse.ArgumentParser):
+    """One flag per recipe key, same name. A boolean may be given bare (--enable_fsdp) or with a value
+    (--run_validation False). Flags default to None: only the ones given override the recipe."""
+    for name, key in FINETUNE_SCHEMA.items():
+        if name == "mixed_precision":
+            parser.add_argument(f"--{name}", type=mixed_precision_setting, help=key.help)
+        elif key.kind is bool:
+            parser.add_argument(f"--{name}", type=str2bool, nargs="?", const=True, help=key.help)
+        elif key.kind is list:
+            parser.add_argument(f"--{name}", nargs="+", help=key.help)
+        else:
+            parser.add_argument(f"--{name}", type=key.kind, help=key.help)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The run's settings: the recipe (--config), then the flags given, then the defaults of FINETUNE_SCHEMA."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name", required=True, help="Hugging Face model folder or name, or a .gguf file")
-    p.add_argument("--dataset", default="raft", choices=["raft"])
-    p.add_argument("--data_path", nargs="+", required=True, help="one or more raft.jsonl files, used together")
-    p.add_argument("--prompt_config", default="raft_eval_config.yaml", help="YAML holding rag_prompt")
-    p.add_argument("--enable_fsdp", action="store_true", help="shard with FSDP2 (needed for more than one process)")
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--weight_decay", type=float, default=0.0)
-    p.add_argument("--context_length", type=int, default=8192, help="tokens per row; longer examples are cut")
-    p.add_argument("--num_epochs", type=int, default=1)
-    p.add_argument("--batch_size_training", type=int, default=1, help="rows per micro-batch and process")
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--batching_strategy", choices=["packing", "padding"], default="packing")
-    p.add_argument("--run_validation", type=str2bool, default=True)
-    p.add_argument("--val_split", type=float, default=0.1,
-                   help="share of records held out, whole questions at a time (seed 42 split)")
-    p.add_argument("--mixed_precision", type=mixed_precision_setting, default="auto",
-                   help="bf16 compute with fp32 master weights: auto (default: where bf16 is native), true or false")
-    p.add_argument("--pure_bf16", action="store_true", help="bf16 weights too (does not learn at lr 1e-5)")
-    p.add_argument("--cpu_threads", type=int, default=0,
-                   help="threads per process on a CPU (default 0: the usable cores / processes on the node)")
-    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations: less memory")
-    p.add_argument("--use_fast_kernels", action="store_true", help="flash attention 2 where installed, else SDPA")
-    p.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps in all (0: no limit)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--dist_checkpoint_root_folder", default="checkpoints")
-    p.add_argument("--dist_checkpoint_folder", default="fine-tuned")
-    p.add_argument("--save_every", type=int, default=0, help="also checkpoint every N steps (0: at epoch ends)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in the folder (on any number of ranks)")
-    p.add_argument("--keep_checkpoints", type=int, default=2,
-                   help="keep the newest N step_* checkpoints and delete older ones (0: keep all)")
-    p.add_argument("--save_checkpoints", type=str2bool, default=True, help="False for a throughput measurement")
-    p.add_argument("--log_every", type=int, default=10, help="record the training loss every N steps")
-    p.add_argument("--use_peft", action="store_true", help="train a LoRA adapter instead of every weight")
-    p.add_argument("--peft_method", choices=["lora"], default="lora")
-    p.add_argument("--lora_r", type=int, default=8, help="rank of the LoRA update matrices")
-    p.add_argument("--lora_alpha", type=int, default=32, help="LoRA scaling: the update is multiplied by alpha / r")
-    p.add_argument("--lora_dropout", type=float, default=0.05)
-    p.add_argument("--lora_target_modules", nargs="+", default=["q_proj", "v_proj"],
-                   help="linear layers that get an adapter (add k_proj o_proj gate_proj up_proj down_proj for more)")
-    p.add_argument("--use_wandb", action="store_true", help="also log to Weights & Biases (rank 0)")
-    p.add_argument("--wandb_project", default="raft-finetune")
-    return p.parse_args(argv)
+    p.add_argument("--config", help="a recipe: YAML with any FINETUNE_SCHEMA keys (finetune/configs/)")
+    add_setting_flags(p)
+    flags = vars(p.parse_args(argv))
+    try:
+        settings = load_recipe(flags.pop("config"), FINETUNE_SCHEMA, flags)
+    except ConfigError as e:
+        p.error(str(e))
+    for required in ("model_name", "data_path"):
+        if not settings[required]:
+            p.error(f"--{required} is required (as a flag or in the --config recipe)")
+    return argparse.Namespace(**settings)
 
+# ------------------------------------------------------------------------------------------------ the plan
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How many rows one optimizer step takes: ranks x rows per micro-batch x micro-batches."""
+    world: int
+    batch: int
+    accumulate: int
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.world * self.batch * self.accumulate
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What the run does, decided once from the settings and the hardware, before any weight is loaded."""
+    rank: int
+    world: int
+    device: torch.device
+    shape: Shape
+    folder: Path                  # <root>/<folder>: checkpoints, metrics, hf_meta
+    compute_dtype: str            # "bfloat16" or "float32": the arithmetic of the forward and backward passes
+    weights_dtype: torch.dtype    # bf16 only with pure_bf16; fp32 master weights otherwise
+    precision_note: str           # the log line that says why
+    attention: str                # sdpa, or flash_attention_2 with use_fast_kernels where it is installed
+    join_packed_rows: bool        # flash attention sees example boundaries only in a batch of one row
+    fsdp: bool
+
+    @property
+    def autocast(self) -> bool:
+        """bf16 autocast for a model without FSDP; under FSDP its MixedPrecisionPolicy casts the weights instead."""
+        return self.compute_dtype == "bfloat16" and not self.fsdp and self.weights_dtype != torch.bfloat16
+
+    @property
+    def fsdp_policy(self) -> MixedPrecisionPolicy:
+        if self.compute_dtype == "bfloat16" and self.weights_dtype != torch.bfloat16:
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy()
+
+
+def choose_precision(args, device) -> tuple[str, str]:
+    """(compute dtype, the line that says why): bf16 only where asked for or native (hardware.compute_dtype)."""
+    if args.pure_bf16:
+        _, why = compute_dtype("bfloat16", device.type)
+        return "bfloat16", f"bf16 weights and compute (--pure_bf16; {why})"
+    asked = {True: "bfloat16", False: "float32"}.get(args.mixed_precision, args.mixed_precision)
+    dtype, why = compute_dtype(asked, device.type)
+    what = "bf16 compute, fp32 master weights" if dtype == "bfloat16" else "float32 compute and weights"
+    return dtype, f"{what} (--mixed_precision {why})"
+
+
+def attention_kind(args) -> str:
+    if args.use_fast_kernels:
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def plan_run(args, rank: int, world: int, device) -> RunPlan:
+    if world > 1 and not args.enable_fsdp:
+        raise DataError(f"{world} processes need --enable_fsdp")
+    dtype, note = choose_precision(args, device)
+    attention = attention_kind(args)
+    return RunPlan(rank=rank, world=world, device=device,
+                   shape=Shape(world, args.batch_size_training, args.gradient_accumulation_steps),
+                   folder=Path(args.dist_checkpoint_root_folder) / args.dist_checkpoint_folder,
+                   compute_dtype=dtype, weights_dtype=torch.bfloat16 if args.pure_bf16 else torch.float32,
+                   precision_note=note, attention=attention,
+                   join_packed_rows=attention == "flash_attention_2" and args.batching_strategy == "packing",
+                   fsdp=args.enable_fsdp)
 
 # ------------------------------------------------------------------------------------------------ set-up
+
 
 def init_distributed(cpu_threads: int = 0) -> tuple[int, int, torch.device]:
     """torchrun sets RANK/WORLD_SIZE; a plain process becomes a group of one, so the code path is the same."""
@@ -144,17 +204,7 @@ def init_distributed(cpu_threads: int = 0) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def choose_precision(args, device) -> tuple[str, str]:
-    """(compute dtype, the line that says why): bf16 only where asked for or native (hardware.compute_dtype)."""
-    if args.pure_bf16:
-        _, why = compute_dtype("bfloat16", device.type)
-        return "bfloat16", f"bf16 weights and compute (--pure_bf16; {why})"
-    dtype, why = compute_dtype(args.mixed_precision, device.type)
-    what = "bf16 compute, fp32 master weights" if dtype == "bfloat16" else "float32 compute and weights"
-    return dtype, f"{what} (--mixed_precision {why})"
-
-
-def load_tokenizer_and_model(args, device, rank: int, world: int):
+def load_tokenizer_and_model(args, plan: RunPlan):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
     source, gguf, weights = args.model_name, {}, {}
     if source.endswith(".gguf"):
@@ -162,31 +212,22 @@ def load_tokenizer_and_model(args, device, rank: int, world: int):
         # dequantize=True: a GGUF model otherwise stays marked quantized, untrainable and unsaveable.
         weights = {"quantization_config": GgufConfig(dequantize=True)}
     tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
-    attention = "sdpa"
-    if args.use_fast_kernels:
-        try:
-            import flash_attn  # noqa: F401
-            attention = "flash_attention_2"
-        except ImportError:
-            pass
-    # transformers hands flash attention the example boundaries of packed rows only when a batch has one row.
-    args.join_packed_rows = attention == "flash_attention_2" and args.batching_strategy == "packing"
-    dtype = torch.bfloat16 if args.pure_bf16 else torch.float32
-    if args.enable_fsdp and world > 1 and rank > 0:
+    if plan.fsdp and plan.world > 1 and plan.rank > 0:
         # Only rank 0 reads the weights; the others build the same model on the meta device (no memory) and receive
         # their shards from rank 0 in shard(): a node holds one copy of the model in RAM, not one per process.
         config = AutoConfig.from_pretrained(source, **gguf)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+            model = AutoModelForCausalLM.from_config(config, dtype=plan.weights_dtype, attn_implementation=plan.attention)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention, **gguf, **weights)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=plan.weights_dtype, attn_implementation=plan.attention,
+                                                     **gguf, **weights)
     model.config.use_cache = False     # a cache in training also hides packed rows from the attention mask
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     if args.use_peft:
         model = add_lora(model, args)
     # With FSDP, fully_shard moves each shard to the device; without it, the whole model goes there now.
-    return tokenizer, model if args.enable_fsdp else model.to(device)
+    return tokenizer, model if plan.fsdp else model.to(plan.device)
 
 
 def add_lora(model, args):
@@ -206,28 +247,33 @@ def decoder_layers(model):
     return base.model.layers
 
 
-def shard(model, args, rank: int, world: int, device):
-    if world > 1 and not args.enable_fsdp:
-        raise DataError(f"{world} processes need --enable_fsdp")
-    if not args.enable_fsdp:
+def shard(model, plan: RunPlan):
+    if not plan.fsdp:
         return model
-    full_state = model.state_dict() if rank == 0 and world > 1 else {}     # rank 0 keeps them until sent
-    mesh = init_device_mesh(device.type, (world,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if args.compute_dtype == "bfloat16" and not args.pure_bf16 else MixedPrecisionPolicy()
+    full_state = model.state_dict() if plan.rank == 0 and plan.world > 1 else {}     # rank 0 keeps them until sent
+    mesh = init_device_mesh(plan.device.type, (plan.world,))
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    if world > 1:
-        if rank > 0:
-            model.to_empty(device=device)       # memory for this rank's shards, filled from rank 0 below
+        fully_shard(layer, mesh=mesh, mp_policy=plan.fsdp_policy)
+    fully_shard(model, mesh=mesh, mp_policy=plan.fsdp_policy)
+    if plan.world > 1:
+        if plan.rank > 0:
+            model.to_empty(device=plan.device)    # memory for this rank's shards, filled from rank 0 below
         set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        for buffer in model.buffers():          # e.g. rotary frequencies: buffers no state dict carries
+        for buffer in model.buffers():            # e.g. rotary frequencies: buffers no state dict carries
             dist.broadcast(buffer, src=0)
     return model
 
 
-def build_rows(records, args, tokenizer, rank):
+@dataclass
+class Rows:
+    """The training and validation rows, and how many examples were cut or dropped to fit the context."""
+    train: list
+    val: list
+    truncated: int
+    dropped: int
+
+
+def build_rows(records, args, tokenizer, rank) -> Rows:
     """Train and validation rows; the split and the encoding are the same on every rank. The split keeps every
     copy of a question (with the oracle, without it, the refusal) on one side, so validation never sees a question
     that was trained on."""
@@ -243,19 +289,8 @@ def build_rows(records, args, tokenizer, rank):
         print(f"data: {len(records)} records, {len(train.examples)} train / {len(val.examples)} validation examples; "
               f"{train.truncated + val.truncated} cut to {args.context_length} tokens, "
               f"{train.dropped + val.dropped} dropped (answer beyond the context length)", flush=True)
-    return to_rows(train.examples, args.context_length), to_rows(val.examples, args.context_length), train, val
-
-
-@dataclass(frozen=True)
-class Shape:
-    """How many rows one optimizer step takes: ranks x rows per micro-batch x micro-batches."""
-    world: int
-    batch: int
-    accumulate: int
-
-    @property
-    def rows_per_step(self) -> int:
-        return self.world * self.batch * self.accumulate
+    return Rows(to_rows(train.examples, args.context_length), to_rows(val.examples, args.context_length),
+                train.truncated + val.truncated, train.dropped + val.dropped)
 
 
 def epoch_order(rows: int, seed: int) -> list[int]:
@@ -279,8 +314,8 @@ def steps_left(rows: int, position_rows: int, shape: Shape) -> int:
     every rank must take the same number of steps)."""
     return (rows - position_rows) // shape.rows_per_step
 
-
 # ------------------------------------------------------------------------------------------------ steps
+
 
 def forward_loss_sum(model, batch, strategy, device) -> torch.Tensor:
     """Sum of the token losses of a micro-batch (divided later by the step's token count).
@@ -309,82 +344,50 @@ def all_sum(value: float, device) -> float:
     return float(tensor.item())
 
 
-def autocast(args, device):
-    """bf16 compute for a model without FSDP; under FSDP its MixedPrecisionPolicy casts the weights instead."""
-    enabled = args.compute_dtype == "bfloat16" and not args.enable_fsdp and not args.pure_bf16
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+def autocast(plan: RunPlan):
+    return torch.autocast(plan.device.type, dtype=torch.bfloat16, enabled=plan.autocast)
 
 
-def to_batch(rows: list[dict], args, pad_id: int) -> dict:
+def to_batch(rows: list[dict], plan, pad_id: int) -> dict:
     """A micro-batch as tensors. For flash attention, packed rows go end to end in one row: it finds the example
     boundaries from position_ids only in a batch of one row, and would otherwise let examples attend to each other."""
-    return collate([join_rows(rows)] if args.join_packed_rows else rows, pad_id)
+    return collate([join_rows(rows)] if plan.join_packed_rows else rows, pad_id)
 
 
-def train_step(model, optimizer, micro_batches, args, world, device) -> tuple[float, int]:
+def train_step(model, optimizer, micro_batches, strategy: str, plan: RunPlan) -> tuple[float, int]:
+    """One optimizer step: (the mean loss over every answer token of the step on all ranks, tokens this rank read)."""
     model.train()        # dropout on, and gradient checkpointing, which transformers applies only in train mode
-    tokens = all_sum(sum(answer_tokens(b) for b in micro_batches), device)
+    tokens = all_sum(sum(answer_tokens(b) for b in micro_batches), plan.device)
     loss_total = 0.0
     for batch in micro_batches:
-        with autocast(args, device):
-            loss_sum = forward_loss_sum(model, batch, args.batching_strategy, device)
+        with autocast(plan):
+            loss_sum = forward_loss_sum(model, batch, strategy, plan.device)
         # FSDP averages gradients over ranks; scaling by world makes the result the mean over all tokens.
-        (loss_sum * world / tokens).backward()
+        (loss_sum * plan.world / tokens).backward()
         loss_total += loss_sum.item()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return all_sum(loss_total, device) / tokens, sum(int(b["attention_mask"].sum()) for b in micro_batches)
+    return all_sum(loss_total, plan.device) / tokens, sum(int(b["attention_mask"].sum()) for b in micro_batches)
 
 
 @torch.no_grad()
-def validate(model, rows, args, rank, world, device, pad_id) -> float:
+def validate(model, rows, strategy: str, plan: RunPlan, pad_id) -> float:
     """Mean loss over every validation row, in eval mode (no dropout: the same weights give the same loss). The
     rows are dealt round-robin; since FSDP gathers weights in each forward pass, every rank runs as many passes
     as the others: one short of a row repeats one, uncounted."""
     model.eval()
     loss_sum, tokens = 0.0, 0
-    for turn in range(math.ceil(len(rows) / world)):
-        index = turn * world + rank
-        batch = to_batch([rows[index % len(rows)]], args, pad_id)
-        with autocast(args, device):
-            loss = forward_loss_sum(model, batch, args.batching_strategy, device).item()
+    for turn in range(math.ceil(len(rows) / plan.world)):
+        index = turn * plan.world + plan.rank
+        batch = to_batch([rows[index % len(rows)]], plan, pad_id)
+        with autocast(plan):
+            loss = forward_loss_sum(model, batch, strategy, plan.device).item()
         if index < len(rows):
             loss_sum, tokens = loss_sum + loss, tokens + answer_tokens(batch)
-    loss_sum, tokens = all_sum(loss_sum, device), all_sum(tokens, device)
+    loss_sum, tokens = all_sum(loss_sum, plan.device), all_sum(tokens, plan.device)
     return loss_sum / tokens if tokens else float("nan")
 
-
-# ------------------------------------------------------------------------------------------------ state
-
-def resume_position(folder: Path, model, optimizer, shape: Shape, rank: int) -> dict:
-    """The position of the newest checkpoint, loaded into the model and optimizer; a different number of ranks,
-    micro-batch size or accumulation is fine, since the position counts rows of the epoch's order."""
-    try:
-        latest, note = checkpoints.load(folder, model, optimizer, rank)
-    except checkpoints.CheckpointError as e:
-        raise DataError(str(e)) from None
-    if "rows" not in latest:
-        raise DataError(f"{folder / checkpoints.LATEST} was written by an older finetuning.py (no global data "
-                        "position): start the run over without --resume")
-    if note:
-        print(f"note: {note}", flush=True)
-    if rank == 0:
-        was = Shape(**latest["shape"])
-        change = "" if was == shape else (f"; it was written by {was.world} rank(s) x batch {was.batch} x "
-                                          f"{was.accumulate} accumulation, now {shape.world} x {shape.batch} x "
-                                          f"{shape.accumulate}")
-        print(f"resumed from {folder / latest['path']} at step {latest['step']}, row {latest['rows']} of epoch "
-              f"{latest['epoch']}{change}", flush=True)
-    return {key: latest[key] for key in ("step", "epoch", "rows", "epoch_loss", "epoch_steps")}
-
-
-def start_wandb(args):
-    """A Weights & Biases run on rank 0; wandb is imported only here, when --use_wandb asks for it."""
-    try:
-        import wandb
-    except ImportError:
-        raise DataError("--use_wandb needs the wandb package: pip install wandb (then wandb login)") from None
-    return wandb.init(project=args.wandb_project, config=vars(args))
+# ------------------------------------------------------------------------------------------------ outputs
 
 
 def peak_memory_mb(device) -> float:
@@ -412,121 +415,188 @@ def write_metrics(folder: Path, metrics: dict):
     plt.close(fig)
 
 
-# ------------------------------------------------------------------------------------------------ main
+def save_hf_meta(folder: Path, tokenizer, model, use_peft: bool):
+    """What the converter needs besides the weights: config, tokenizer, generation config (and the LoRA config)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder / "hf_meta")
+    base = model.get_base_model() if use_peft else model
+    base.config.save_pretrained(folder / "hf_meta")
+    base.generation_config.save_pretrained(folder / "hf_meta")
+    if use_peft:
+        model.peft_config["default"].save_pretrained(folder / "hf_meta" / "lora")
 
-def train(args, rank, world, device):
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    folder = Path(args.dist_checkpoint_root_folder) / args.dist_checkpoint_folder
-    records = load_records(args.data_path)          # bad data fails before minutes of model loading
-    args.compute_dtype, why = choose_precision(args, device)
-    if rank == 0:
-        threads = f", {torch.get_num_threads()} threads per process" if device.type == "cpu" else ""
-        print(f"precision: {why}{threads}", flush=True)
-    tokenizer, model = load_tokenizer_and_model(args, device, rank, world)
-    train_rows, val_rows, train_enc, val_enc = build_rows(records, args, tokenizer, rank)
-    if rank == 0:
+
+def start_wandb(args):
+    """A Weights & Biases run on rank 0; wandb is imported only here, when use_wandb asks for it."""
+    try:
+        import wandb
+    except ImportError:
+        raise DataError("--use_wandb needs the wandb package: pip install wandb (then wandb login)") from None
+    return wandb.init(project=args.wandb_project, config=vars(args))
+
+# ------------------------------------------------------------------------------------------------ the recipe
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the next step starts: the epoch, the rows of its order already consumed (by all ranks together) and the
+    epoch's loss so far, so that a run resumed inside an epoch reports the same epoch mean as an uninterrupted one."""
+    step: int = 0
+    epoch: int = 0
+    rows: int = 0
+    epoch_loss: float = 0.0
+    epoch_steps: int = 0
+
+
+@dataclass
+class Trainer:
+    args: argparse.Namespace
+    plan: RunPlan
+    position: Position = field(default_factory=Position)
+    metrics: dict = field(default_factory=lambda: {"steps": [], "epochs": []})
+    saved_step: Optional[int] = None      # the step last written: a step is never written twice (nor overwritten)
+
+    def setup(self):
+        """Data (bad data fails before minutes of model loading), model, shards, optimizer, and the position to
+        start from (a checkpoint's, with resume)."""
+        args, plan = self.args, self.plan
+        torch.manual_seed(args.seed)
+        random.seed(args.seed)
+        records = load_records(args.data_path)
+        self.say(f"precision: {plan.precision_note}"
+                 + (f", {torch.get_num_threads()} threads per process" if plan.device.type == "cpu" else ""))
+        self.tokenizer, model = load_tokenizer_and_model(args, plan)
+        self.rows = build_rows(records, args, self.tokenizer, plan.rank)
         trained, total = (sum(p.numel() for p in model.parameters() if p.requires_grad),
                           sum(p.numel() for p in model.parameters()))
-        print(f"model: {args.model_name}, {trained / 1e6:.2f}M of {total / 1e6:.2f}M parameters trained"
-              + (" (LoRA)" if args.use_peft else ""), flush=True)
-    model = shard(model, args, rank, world, device)
-    # fused: one kernel for the whole update on CUDA (measured on an H100, 1B model: 35 ms -> 16 ms a step).
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
-    tracker = start_wandb(args) if args.use_wandb and rank == 0 else None
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    shape = Shape(world, args.batch_size_training, args.gradient_accumulation_steps)
-    if steps_left(len(train_rows), 0, shape) == 0:
-        raise DataError(f"{len(train_rows)} training rows are too few for {world} process(es) x batch "
-                        f"{args.batch_size_training} x {args.gradient_accumulation_steps} accumulation steps: "
-                        "add data or lower them")
+        self.say(f"model: {args.model_name}, {trained / 1e6:.2f}M of {total / 1e6:.2f}M parameters trained"
+                 + (" (LoRA)" if args.use_peft else ""))
+        self.model = shard(model, plan)
+        # fused: one kernel for the whole update on CUDA (measured on an H100, 1B model: 35 ms -> 16 ms a step).
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=args.lr,
+                                           weight_decay=args.weight_decay, fused=plan.device.type == "cuda")
+        self.tracker = start_wandb(args) if args.use_wandb and plan.rank == 0 else None
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
+        if steps_left(len(self.rows.train), 0, plan.shape) == 0:
+            raise DataError(f"{len(self.rows.train)} training rows are too few for {plan.world} process(es) x batch "
+                            f"{args.batch_size_training} x {args.gradient_accumulation_steps} accumulation steps: "
+                            "add data or lower them")
+        self.metrics.update(truncated=self.rows.truncated, dropped=self.rows.dropped)
+        if args.resume and (plan.folder / checkpoints.LATEST).exists():
+            self.resume()
+        elif plan.rank == 0:
+            save_hf_meta(plan.folder, self.tokenizer, model, args.use_peft)
 
-    # Where the next step starts: the epoch, the rows of its order already consumed (by all ranks together) and the
-    # epoch's loss so far, so that a run resumed inside an epoch reports the same epoch mean as an uninterrupted one.
-    position = {"step": 0, "epoch": 0, "rows": 0, "epoch_loss": 0.0, "epoch_steps": 0}
-    metrics = {"steps": [], "epochs": [], "truncated": train_enc.truncated + val_enc.truncated,
-               "dropped": train_enc.dropped + val_enc.dropped}
-    if args.resume and (folder / checkpoints.LATEST).exists():
-        position = resume_position(folder, model, optimizer, shape, rank)
-        if (folder / "metrics.json").exists():       # written after each checkpoint; absent if killed in between
-            metrics = json.loads((folder / "metrics.json").read_text())
-        metrics["steps"] = [m for m in metrics["steps"] if m["step"] <= position["step"]]
-    elif rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        # What the converter needs besides the weights.
-        tokenizer.save_pretrained(folder / "hf_meta")
-        base = model.get_base_model() if args.use_peft else model
-        base.config.save_pretrained(folder / "hf_meta")
-        base.generation_config.save_pretrained(folder / "hf_meta")
-        if args.use_peft:
-            model.peft_config["default"].save_pretrained(folder / "hf_meta" / "lora")
+    def resume(self):
+        """The newest checkpoint's weights, optimizer state and position; a different number of ranks, micro-batch
+        size or accumulation is fine, since the position counts rows of the epoch's order."""
+        plan = self.plan
+        latest, note = checkpoints.load(plan.folder, self.model, self.optimizer, plan.rank)
+        if "rows" not in latest:
+            raise DataError(f"{plan.folder / checkpoints.LATEST} was written by an older finetuning.py (no global "
+                            "data position): start the run over without --resume")
+        if note:
+            print(f"note: {note}", flush=True)
+        was = Shape(**latest["shape"])
+        change = "" if was == plan.shape else (
+            f"; it was written by {was.world} rank(s) x batch {was.batch} x {was.accumulate} accumulation, now "
+            f"{plan.shape.world} x {plan.shape.batch} x {plan.shape.accumulate}")
+        self.say(f"resumed from {plan.folder / latest['path']} at step {latest['step']}, row {latest['rows']} of "
+                 f"epoch {latest['epoch']}{change}")
+        self.position = Position(**{key: latest[key] for key in ("step", "epoch", "rows", "epoch_loss", "epoch_steps")})
+        if (plan.folder / "metrics.json").exists():       # written after each checkpoint; absent if killed in between
+            self.metrics = json.loads((plan.folder / "metrics.json").read_text())
+        self.metrics["steps"] = [m for m in self.metrics["steps"] if m["step"] <= self.position.step]
 
-    saved = {"step": None}          # the step last written: a step is never written twice (nor overwritten)
+    def train(self):
+        for epoch in range(self.position.epoch, self.args.num_epochs):
+            if not self.train_epoch(epoch):
+                break                  # max_steps reached inside the epoch
+            self.end_epoch(epoch)
 
-    def save():
-        checkpoints.save(folder, model, optimizer, {**position, "shape": vars(shape)}, rank, args.keep_checkpoints)
-        saved["step"] = position["step"]
+    def train_epoch(self, epoch: int) -> bool:
+        """The epoch's remaining steps; False when max_steps stopped it before its end."""
+        args, plan = self.args, self.plan
+        order = epoch_order(len(self.rows.train), args.seed + epoch)
+        meter = {"tokens": 0, "since": time.time()}        # throughput since the last log line
+        while steps_left(len(order), self.position.rows, plan.shape):
+            if args.max_steps and self.position.step >= args.max_steps:
+                return False
+            micro = [to_batch([self.rows.train[i] for i in rows], plan, self.pad_id)
+                     for rows in step_micro_batches(order, self.position.rows, plan.shape, plan.rank)]
+            loss, tokens = train_step(self.model, self.optimizer, micro, args.batching_strategy, plan)
+            meter["tokens"] += tokens
+            p = self.position
+            self.position = Position(p.step + 1, epoch, p.rows + plan.shape.rows_per_step, p.epoch_loss + loss,
+                                     p.epoch_steps + 1)
+            if self.position.step % args.log_every == 0 or self.position.step == 1:
+                self.log_step(epoch, loss, meter)
+            if args.save_checkpoints and args.save_every and self.position.step % args.save_every == 0:
+                self.save()
+        return True
 
-    for epoch in range(position["epoch"], args.num_epochs):
-        order = epoch_order(len(train_rows), args.seed + epoch)
-        tokens_seen, started = 0, time.time()       # since the last log line
-        while steps_left(len(order), position["rows"], shape):
-            if args.max_steps and position["step"] >= args.max_steps:
-                break
-            micro = [to_batch([train_rows[i] for i in rows], args, pad_id)
-                     for rows in step_micro_batches(order, position["rows"], shape, rank)]
-            loss, tokens = train_step(model, optimizer, micro, args, world, device)
-            tokens_seen += tokens
-            position = {"step": position["step"] + 1, "epoch": epoch, "rows": position["rows"] + shape.rows_per_step,
-                        "epoch_loss": position["epoch_loss"] + loss, "epoch_steps": position["epoch_steps"] + 1}
-            if position["step"] % args.log_every == 0 or position["step"] == 1:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                rate = all_sum(tokens_seen, device) / (time.time() - started)
-                tokens_seen, started = 0, time.time()
-                metrics["steps"].append({"step": position["step"], "epoch": epoch, "train_loss": loss})
-                if tracker:
-                    tracker.log({"train_loss": loss, "tokens_per_s": rate}, step=position["step"])
-                if rank == 0:
-                    print(f"step {position['step']} epoch {epoch} loss {loss:.4f} | {rate:.0f} tokens/s since the last log | "
-                          f"peak memory {peak_memory_mb(device):.0f} MB (rank 0)", flush=True)
-            if args.save_checkpoints and args.save_every and position["step"] % args.save_every == 0:
-                save()
-                if rank == 0:
-                    write_metrics(folder, metrics)
-        else:
-            # The epoch ran to its end: record it and start the next one at its first row.
-            val_loss = validate(model, val_rows, args, rank, world, device, pad_id) if val_rows else None
-            train_loss = position["epoch_loss"] / max(position["epoch_steps"], 1)
-            metrics["epochs"].append({"epoch": epoch, "step": position["step"], "train_loss": train_loss,
-                                      "train_perplexity": math.exp(train_loss), "val_loss": val_loss,
-                                      "val_perplexity": math.exp(val_loss) if val_loss is not None else None})
-            position = {"step": position["step"], "epoch": epoch + 1, "rows": 0, "epoch_loss": 0.0, "epoch_steps": 0}
-            if tracker:
-                tracker.log({k: v for k, v in metrics["epochs"][-1].items() if k != "step"}, step=position["step"])
-            if rank == 0:
-                print(f"epoch {epoch}: train loss {train_loss:.4f} (perplexity {math.exp(train_loss):.2f})"
-                      + (f", validation loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f})" if val_loss else ""),
-                      flush=True)
-            if args.save_checkpoints:
-                save()
-            if rank == 0:
-                write_metrics(folder, metrics)
-            continue
-        break        # max_steps reached inside the epoch
-    if position["rows"] and args.save_checkpoints and saved["step"] != position["step"]:
-        save()                     # stopped inside an epoch: keep that point for --resume
-    peaks = [None] * world
-    dist.all_gather_object(peaks, round(peak_memory_mb(device)))
-    if rank == 0:
-        metrics["peak_memory_mb_rank0"], metrics["peak_memory_mb_per_rank"] = peaks[0], peaks
-        write_metrics(folder, metrics)
-        if tracker:
-            tracker.finish()
-        print(f"done: step {position['step']}, checkpoints in {folder}, metrics in {folder / 'metrics.json'}; "
-              f"peak memory per rank {', '.join(f'{p} MB' for p in peaks)}", flush=True)
-    dist.barrier()       # every rank leaves together: none tears down its process group while another still works
+    def log_step(self, epoch: int, loss: float, meter: dict):
+        plan = self.plan
+        if plan.device.type == "cuda":
+            torch.cuda.synchronize()
+        rate = all_sum(meter["tokens"], plan.device) / (time.time() - meter["since"])
+        meter.update(tokens=0, since=time.time())
+        step = self.position.step
+        self.metrics["steps"].append({"step": step, "epoch": epoch, "train_loss": loss})
+        if self.tracker:
+            self.tracker.log({"train_loss": loss, "tokens_per_s": rate}, step=step)
+        self.say(f"step {step} epoch {epoch} loss {loss:.4f} | {rate:.0f} tokens/s since the last log | "
+                 f"peak memory {peak_memory_mb(plan.device):.0f} MB (rank 0)")
+
+    def end_epoch(self, epoch: int):
+        """The epoch ran to its end: validate, record it, checkpoint, and start the next one at its first row."""
+        rows = self.rows.val
+        val_loss = validate(self.model, rows, self.args.batching_strategy, self.plan, self.pad_id) if rows else None
+        train_loss = self.position.epoch_loss / max(self.position.epoch_steps, 1)
+        self.metrics["epochs"].append({"epoch": epoch, "step": self.position.step, "train_loss": train_loss,
+                                       "train_perplexity": math.exp(train_loss), "val_loss": val_loss,
+                                       "val_perplexity": math.exp(val_loss) if val_loss is not None else None})
+        self.position = Position(self.position.step, epoch + 1)
+        if self.tracker:
+            self.tracker.log({k: v for k, v in self.metrics["epochs"][-1].items() if k != "step"},
+                             step=self.position.step)
+        self.say(f"epoch {epoch}: train loss {train_loss:.4f} (perplexity {math.exp(train_loss):.2f})"
+                 + (f", validation loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f})" if val_loss else ""))
+        if self.args.save_checkpoints:
+            self.save()
+        elif self.plan.rank == 0:
+            write_metrics(self.plan.folder, self.metrics)
+
+    def save(self):
+        """A checkpoint of this step (every rank), then the metrics that go with it (rank 0)."""
+        position = {**vars(self.position), "shape": vars(self.plan.shape)}
+        checkpoints.save(self.plan.folder, self.model, self.optimizer, position, self.plan.rank,
+                         self.args.keep_checkpoints)
+        self.saved_step = self.position.step
+        if self.plan.rank == 0:
+            write_metrics(self.plan.folder, self.metrics)
+
+    def finish(self):
+        """Keep a point stopped inside an epoch for resume; the peak memory of every rank; the final metrics."""
+        plan = self.plan
+        if self.position.rows and self.args.save_checkpoints and self.saved_step != self.position.step:
+            self.save()
+        peaks = [None] * plan.world
+        dist.all_gather_object(peaks, round(peak_memory_mb(plan.device)))
+        if plan.rank == 0:
+            self.metrics["peak_memory_mb_rank0"], self.metrics["peak_memory_mb_per_rank"] = peaks[0], peaks
+            plan.folder.mkdir(parents=True, exist_ok=True)
+            write_metrics(plan.folder, self.metrics)
+            if self.tracker:
+                self.tracker.finish()
+        self.say(f"done: step {self.position.step}, checkpoints in {plan.folder}, metrics in "
+                 f"{plan.folder / 'metrics.json'}; peak memory per rank {', '.join(f'{p} MB' for p in peaks)}")
+        dist.barrier()     # every rank leaves together: none tears down its process group while another still works
+
+    def say(self, line: str):
+        if self.plan.rank == 0:
+            print(line, flush=True)
 
 
 def say_once(message: str, rank: int):
@@ -550,7 +620,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world, device = init_distributed(args.cpu_threads)
     try:
-        train(args, rank, world, device)
+        trainer = Trainer(args, plan_run(args, rank, world, device))
+        trainer.setup()
+        trainer.train()
+        trainer.finish()
         return 0
     except (DataError, ConfigError, OSError) as e:
         say_once(str(e), rank)

@@ -102,15 +102,13 @@ stage generate "raft.py -t $PER_CHUNK --max_chunks $CHUNKS --chunk_size $CHUNK_S
   "$PY" raft.py -u "$teacher_url" -k EMPTY -m "$BASE_NAME" -t "$PER_CHUNK" --max_chunks "$CHUNKS" \
     --chunk_size "$CHUNK_SIZE" -o "$DIR/data"
 
-# Padding rather than packing: on a CPU the attention of a packed row costs its full length squared
-# (bench/finetune.py). One row per process and step: 2 rows a step, every step logged. --resume continues an
-# interrupted run; new data starts a new one.
+# The recipe is finetune/configs/cpu_demo.yaml (padding, one row per process and step, lr 3e-5, --resume); the flags
+# give what this script varies. --resume continues an interrupted run; new data starts a new one.
 (( upstream_changed )) && rm -rf "$DIR/checkpoints"
 stage finetune "$EPOCHS epochs of at most $STEPS steps, 2 processes" \
   "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 finetune/finetuning.py \
-    --enable_fsdp --model_name "$BASE_MODEL" --dataset raft --data_path "$DIR/data/raft.jsonl" \
-    --context_length 2048 --batching_strategy padding --batch_size_training 1 --gradient_accumulation_steps 1 \
-    --lr 3e-5 --num_epochs "$EPOCHS" --max_steps "$STEPS" --val_split 0.1 --log_every 1 --resume \
+    --config finetune/configs/cpu_demo.yaml --model_name "$BASE_MODEL" --data_path "$DIR/data/raft.jsonl" \
+    --num_epochs "$EPOCHS" --max_steps "$STEPS" \
     --dist_checkpoint_root_folder "$DIR/checkpoints" --dist_checkpoint_folder "$STUDENT_NAME"
 
 stage convert "Hugging Face folder + GGUF q8_0" \
@@ -124,10 +122,10 @@ start_server "$STUDENT_PORT" "$DIR/$STUDENT_NAME.gguf" "$STUDENT_NAME"
 # The student's revision is its GGUF's checksum: a retrained student, served under the same name from the same
 # path, is never answered from the cache of the one before (raft_eval.py keys its cache by it).
 student_revision="$(sha256sum "$DIR/$STUDENT_NAME.gguf" | cut -c1-16)"
-stage evaluate "$QUESTIONS questions, top-$TOPK, $ANSWER_TOKENS answer tokens, chunks of $CHUNK_SIZE" \
+stage evaluate "$QUESTIONS questions, top-$TOPK, $ANSWER_TOKENS answer tokens, chunks of $DIR/data" \
   "$PY" raft_eval.py -m "$STUDENT_NAME" -u "$student_url" --baseline "$BASE_NAME=$teacher_url" \
     -j "$teacher_url" --judge_model "$BASE_NAME" -r "$TOPK" --limit "$QUESTIONS" --max_tokens "$ANSWER_TOKENS" \
-    --chunk_size "$CHUNK_SIZE" --model_revision "$student_revision" \
+    --raft_run "$DIR/data" --model_revision "$student_revision" \
     -o "$DIR/eval"
 
 stop_servers
@@ -139,7 +137,7 @@ echo
 echo "  report:   $DIR/eval/report.md (plots beside it; every answer in $DIR/eval/questions.jsonl)"
 echo "  training: $DIR/checkpoints/$STUDENT_NAME/metrics.json and loss.png"
 echo "  chat with the fine-tuned model on a web page (http://127.0.0.1:7860; no server needed):"
-echo "    $PY chat.py --model_path $DIR/$STUDENT_NAME-hf --chunk_size $CHUNK_SIZE --web"
+echo "    $PY chat.py --model_path $DIR/$STUDENT_NAME-hf --raft_run $DIR/data --web"
 echo "  or serve its GGUF (several people at once) and chat in the terminal, or offer it as an OpenAI-style API:"
 echo "    TEACHER_PORT=$STUDENT_PORT TEACHER_MODEL=$DIR/$STUDENT_NAME.gguf TEACHER_ALIAS=$STUDENT_NAME scripts/teacher.sh start"
-echo "    $PY chat.py -u $student_url --chunk_size $CHUNK_SIZE            # add --web, or --serve for the API"
+echo "    $PY chat.py -u $student_url --raft_run $DIR/data            # add --web, or --serve for the API"
