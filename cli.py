@@ -29,7 +29,7 @@ def run_main(run: Callable[[object], int], args, interrupted: str = "") -> int:
 
 def add_source_flags(parser, reads_run_record: bool):
     """The documents and their chunking (config.SOURCE_KEYS, same names). raft_eval.py and chat.py read them from
-    the generation run by default (--raft_run), so that retrieval sees the chunks the teacher was asked about."""
+    the generation run named by --raft_run, so that retrieval sees the chunks the teacher was asked about."""
     parser.add_argument("-d", "--data_dir", help="documents folder")
     parser.add_argument("--xml_path", help="local sitemap XML whose pages are fetched")
     parser.add_argument("--insecure", action="store_const", const=False, dest="verify_ssl",
@@ -37,8 +37,8 @@ def add_source_flags(parser, reads_run_record: bool):
     parser.add_argument("--chunk_size", type=int, help="characters per chunk" + (
         " (default: the generation run's, see --raft_run)" if reads_run_record else ""))
     if reads_run_record:
-        parser.add_argument("--raft_run", help="raft.py's output folder (or its raft_run.json): its documents and "
-                                               "chunking are used (default: raft_run in the config)")
+        parser.add_argument("--raft_run", help="raft.py's output folder (or its raft_run.json): its documents, "
+                                               "chunking and refusal answer are used (default: raft.yaml's)")
 
 
 def add_client_flags(parser):

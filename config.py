@@ -232,31 +232,30 @@ EVAL_SCHEMA: dict[str, Key] = {
 RUN_RECORD = "raft_run.json"      # raft.py's record of a run's settings, beside its dataset
 
 
-def generation_settings(raft_run: str, raft_config: str, required: bool) -> tuple[dict, str]:
-    """(the GENERATION_KEYS, where they were read): from raft_run (raft.py's output folder or its raft_run.json)
-    when it exists; otherwise from the generation config raft_config, unless `required` (the user named the run)."""
-    record = Path(raft_run) / RUN_RECORD if raft_run and Path(raft_run).is_dir() else Path(raft_run or RUN_RECORD)
-    if raft_run and record.is_file():
-        try:
-            settings = json.loads(record.read_text(encoding="utf-8"))["config"]
-            return {name: validate_value(str(record), name, settings[name], key)
-                    for name, key in GENERATION_KEYS.items()}, str(record)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{record} is not a raft.py run record ({type(e).__name__}: {e}): pass raft.py's "
-                              "output folder with --raft_run") from None
-    if required:
-        raise ConfigError(f"--raft_run {raft_run}: no {RUN_RECORD} there: pass the output folder of a finished "
-                          "raft.py run")
-    config = load_config(raft_config, RAFT_SCHEMA)
-    return {name: config[name] for name in GENERATION_KEYS}, raft_config
+def generation_settings(raft_run: str, raft_config: str) -> tuple[dict, str]:
+    """(the GENERATION_KEYS, where they were read): from raft_run, raft.py's output folder or its raft_run.json, when
+    one is named; otherwise from the generation config raft_config (raft.yaml), the one place of their defaults."""
+    if not raft_run:
+        config = load_config(raft_config, RAFT_SCHEMA)
+        return {name: config[name] for name in GENERATION_KEYS}, raft_config
+    record = Path(raft_run) / RUN_RECORD if Path(raft_run).is_dir() else Path(raft_run)
+    try:
+        settings = json.loads(record.read_text(encoding="utf-8"))["config"]
+        return {name: validate_value(str(record), name, settings[name], key)
+                for name, key in GENERATION_KEYS.items()}, str(record)
+    except OSError:
+        raise ConfigError(f"raft_run {raft_run}: no {RUN_RECORD} there: name the output folder of a finished "
+                          "raft.py run (--raft_run)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{record} is not a raft.py run record ({type(e).__name__}: {e}): name raft.py's "
+                          "output folder with --raft_run") from None
 
 
 def load_eval_config(path: str, flags) -> dict:
     """raft_eval_config.yaml with its flags, plus the generation run's sources, chunking and refusal answer
     (generation_settings), which the source flags override. cfg["sources_from"] says where they were read."""
     cfg = load_config_with_flags(path, EVAL_SCHEMA, flags)
-    named = getattr(flags, "raft_run", None)
-    generation, origin = generation_settings(named or cfg["raft_run"], cfg["raft_config"], required=bool(named))
+    generation, origin = generation_settings(cfg["raft_run"], cfg["raft_config"])
     overrides = {name: getattr(flags, name, None) for name in SOURCE_KEYS}
     return {**cfg, **apply_overrides(generation, overrides, SOURCE_KEYS), "sources_from": origin}
 

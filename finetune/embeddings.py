@@ -9,7 +9,7 @@ sources of pairs, alone or together:
 --documents: the documents themselves (the inverse cloze task). Each sentence of a chunk is a query, and the
 chunk with that sentence cut out is the passage it must find: the model learns which passages belong with which
 statements in your documents' vocabulary, with no question written by anyone. They are chunked as the generation
-run did (--raft_run, default ./output; raft.yaml's chunk_size when there is no run; --chunk_size overrides).
+run did (--raft_run names raft.py's output folder; without it, raft.yaml's chunk_size; --chunk_size overrides).
 --data_path: the teacher's RAFT questions with their oracle chunks. Keep the eval questions out of the training
 data (raft_eval.py --draft_from writes such a file).
 
@@ -150,7 +150,7 @@ def accuracy_at_1(embedder: Embedder, pairs: list[Pair], chunks: list[str]) -> f
 def training_pairs(args, rng: random.Random) -> list[Pair]:
     pairs = []
     if args.documents:
-        generation, _ = generation_settings(args.raft_run or "./output", "raft.yaml", required=bool(args.raft_run))
+        generation, _ = generation_settings(args.raft_run, "raft.yaml")
         _, chunks, _ = load_chunks(args.documents, "", True, args.chunk_size or generation["chunk_size"])
         pairs += document_pairs([c.text for c in chunks], rng)
     if args.data_path:
@@ -161,8 +161,7 @@ def training_pairs(args, rng: random.Random) -> list[Pair]:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--documents", help="a documents folder: pairs cut from its chunks (no LLM needed)")
-    p.add_argument("--raft_run", help="raft.py's output folder, whose chunk size is used (default ./output, else "
-                                      "raft.yaml's)")
+    p.add_argument("--raft_run", help="raft.py's output folder, whose chunk size is used (default: raft.yaml's)")
     p.add_argument("--chunk_size", type=int, help="characters per chunk (default: the generation run's)")
     p.add_argument("--data_path", nargs="+", help="raft.jsonl file(s) written by raft.py: question/oracle pairs")
     p.add_argument("--output", required=True, help="folder of the tuned model (a sentence-transformers folder)")

@@ -1,3 +1,4 @@
+import json
 import random
 import shutil
 import sys
@@ -42,6 +43,16 @@ def write_corpus(folder: Path, n_docs: int = 3, paragraphs: int = 3, seed: int =
                      for s in range(14))
             for p in range(paragraphs))
         (folder / f"doc{d}.md").write_text(text)
+    return folder
+
+
+def write_run(folder: Path, **config) -> Path:
+    """A generation run's record as raft.py writes it (raft_run.json, its settings under "config"): raft.yaml's
+    values with `config` changed."""
+    import yaml
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {**yaml.safe_load((ROOT / "raft.yaml").read_text()), **config}
+    (folder / "raft_run.json").write_text(json.dumps({"tool": "raft-toolkit", "config": settings}))
     return folder
 
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import chat
-from tests.conftest import ROOT
+from tests.conftest import ROOT, write_run
 from tests.fake_server import FakeOpenAI, Reply
 from tests.test_metrics import REFUSAL
 
@@ -43,6 +43,16 @@ def test_show_reasoning_and_sources(server, capsys):
     lines = out.splitlines()
     assert code == 0 and out.startswith(COT + "\n")
     assert lines[-2].startswith("  [1] data/") and lines[-1].startswith("  [2] data/")
+
+
+def test_the_chat_searches_the_documents_of_the_generation_run(server, capsys, corpus, tmp_path):
+    """--raft_run: the run's documents, chunk size and refusal answer, none of them repeated by hand."""
+    run = write_run(tmp_path / "run", data_dir=str(corpus), chunk_size=300, refusal_answer="Ask the support desk.")
+    server.script = lambda body, n: Reply(content="Nothing here.\n<ANSWER>: Ask the support desk.")
+    code, out, _ = ask(server, capsys, "--raft_run", str(run), "--json")
+    result = json.loads(out)
+    assert code == chat.EXIT_HANDOFF and result["handoff"] is True
+    assert all(s["source"].startswith(str(corpus)) and len(s["text"]) <= 300 for s in result["sources"])
 
 
 def test_json_mode(server, capsys):

@@ -5,9 +5,10 @@ import sys
 import pytest
 import yaml
 
-from config import RAFT_SCHEMA, apply_overrides, load_config, load_config_with_flags
+from config import (RAFT_SCHEMA, apply_overrides, generation_settings, load_config, load_config_with_flags,
+                    load_eval_config)
 from errors import ConfigError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, write_run
 
 
 def write_config(tmp_path, **changes):
@@ -83,3 +84,37 @@ def test_flags_named_like_keys_win_over_the_file():
     cfg = load_config_with_flags(str(ROOT / "raft.yaml"), RAFT_SCHEMA, flags)
     assert cfg["chunk_size"] == 500 and cfg["seed"] == load_config(str(ROOT / "raft.yaml"), RAFT_SCHEMA)["seed"]
     assert "unrelated" not in cfg
+
+
+# ---- the generation run's settings, read back by the evaluation and the chatbot --------------------------------
+def test_generation_settings_come_from_the_run_record(tmp_path):
+    run = write_run(tmp_path / "out", chunk_size=500, data_dir="docs/", refusal_answer="Ask a person.")
+    for given in (str(run), str(run / "raft_run.json")):
+        settings, origin = generation_settings(given, str(ROOT / "raft.yaml"))
+        assert settings == {"data_dir": "docs/", "xml_path": "", "verify_ssl": True, "chunk_size": 500,
+                            "refusal_answer": "Ask a person."}
+        assert origin == str(run / "raft_run.json")
+
+
+def test_without_a_run_the_generation_config_is_used_and_a_named_run_must_exist(tmp_path):
+    settings, origin = generation_settings("", str(ROOT / "raft.yaml"))
+    assert settings["chunk_size"] == 1000 and origin == str(ROOT / "raft.yaml")
+    with pytest.raises(ConfigError, match="no raft_run.json there"):
+        generation_settings(str(tmp_path / "none"), str(ROOT / "raft.yaml"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "raft_run.json").write_text('{"config": {"chunk_size": "big"}}')
+    with pytest.raises(ConfigError, match="bad/raft_run.json"):
+        generation_settings(str(tmp_path / "bad"), str(ROOT / "raft.yaml"))
+
+
+def test_the_eval_config_takes_the_run_and_its_flags_override_single_settings(tmp_path):
+    run = write_run(tmp_path / "out", chunk_size=500, data_dir="docs/")
+    flags = argparse.Namespace(raft_run=str(run), chunk_size=None, data_dir=None, xml_path=None, verify_ssl=None)
+    cfg = load_eval_config(str(ROOT / "raft_eval_config.yaml"), flags)
+    assert (cfg["chunk_size"], cfg["data_dir"], cfg["sources_from"]) == (500, "docs/", str(run / "raft_run.json"))
+    flags.chunk_size, flags.data_dir = 700, "elsewhere/"
+    cfg = load_eval_config(str(ROOT / "raft_eval_config.yaml"), flags)
+    assert (cfg["chunk_size"], cfg["data_dir"]) == (700, "elsewhere/")
+    flags.chunk_size = 0
+    with pytest.raises(ConfigError, match="chunk_size"):
+        load_eval_config(str(ROOT / "raft_eval_config.yaml"), flags)

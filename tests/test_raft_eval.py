@@ -322,3 +322,24 @@ def test_the_draft_comes_with_training_data_that_leaves_it_out(tmp_path, capsys)
     assert not {r["oracle_context"] for r in kept} & drafted_chunks
     assert len(kept) == len([r for r in records if r["oracle_context"] not in drafted_chunks])
     assert "Fine-tune on this file" in capsys.readouterr().out
+
+
+def test_the_evaluation_searches_the_chunks_of_the_generation_run(servers, tmp_path, capsys):
+    """raft.py with 400-character chunks, then raft_eval.py --raft_run: the same documents, cut the same way, with
+    no --chunk_size or -d repeated by hand."""
+    import raft
+    from tests.fake_server import FakeOpenAI as Teacher
+    corpus = write_corpus(tmp_path / "corpus", n_docs=2, paragraphs=2)
+    with Teacher() as teacher:
+        assert raft.main(["-u", teacher.url, "--data_dir", str(corpus), "--chunk_size", "400", "-t", "1",
+                          "-o", str(tmp_path / "data")]) == 0
+    generated = json.loads((tmp_path / "data" / "raft_run.json").read_text())["counts"]["chunks"]
+    s, _, j = servers
+    eval_file = tmp_path / "eval.json"
+    eval_file.write_text(json.dumps([{"question": q, "answer": a} for q, a in GOLD.items()]))
+    assert raft_eval.main(["-u", s.url, "-j", j.url, "--raft_run", str(tmp_path / "data"), "--eval_file",
+                           str(eval_file), "-o", str(tmp_path / "out"), "--retriever", "bm25", "-r", "2"]) == 0
+    settings = json.loads((tmp_path / "out" / "metrics.json").read_text())["settings"]
+    assert settings["chunk_size"] == 400 and settings["chunks"] == generated > 4
+    assert settings["sources_from"] == str(tmp_path / "data" / "raft_run.json")
+    assert f"{generated} chunks of 400 characters" in capsys.readouterr().out
