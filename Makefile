@@ -2,9 +2,9 @@
 #   make setup      .venv for the toolkit, llama.cpp's llama-server built in .venv-teacher, and the model
 #   make generate   RAFT data from data/ with the local teacher (SmolLM2 on llama.cpp), into output/
 #                   (RAFT_ARGS="-t 2 --max_chunks 10" for a quick look)
-#   make demo       the whole recipe on this CPU: data, fine-tune, convert, serve, evaluate, report (~20 min;
-#                   DEMO_ARGS=--quick: under 10)
-#   make test       the test suite (what CI runs)
+#   make demo       the whole recipe on this CPU: data, fine-tune, convert, serve, evaluate, report (6 to 15 min
+#                   after setup by CPU: docs/demo.md; DEMO_ARGS=--quick: about 4)
+#   make test       the test suite (what CI runs); installs Debian's chromium for the browser test if missing
 #   make bench      the benchmarks: retrieval, fine-tuning (CPU), generation
 #   make embeddings the retriever's embedding model tuned on data/ itself (no LLM; ~6 min on 2 cores), into
 #                   models/minilm-docs: set embedding_model to it in raft_eval_config.yaml
@@ -36,6 +36,7 @@ demo: setup
 	scripts/demo.sh $(DEMO_ARGS)
 
 test: setup
+	scripts/install_chromium.sh
 	$(PY) -m pytest -q tests
 
 bench: setup
