@@ -20,6 +20,10 @@ class LLMFatalError(ToolkitError):
     """A model server problem that no retry can fix: a rejected key, an unknown model, no server at the URL."""
 
 
+class ServerUnreachable(LLMFatalError):
+    """Nothing answers at a server's address (after the retries): it is not running, or -u is wrong."""
+
+
 class OutputError(ToolkitError):
     """Results could not be written: a full disk, a folder without write permission, another run holding it."""
 

@@ -1,25 +1,33 @@
 """The OpenAI-compatible chat client shared by raft.py, raft_eval.py and chat.py.
 
 What it adds to a plain HTTP call, and why:
-- a bound on requests in flight, spread round-robin over one or more server replicas (-u given several times);
+- a bound on requests in flight, spread round-robin over one or more server replicas (-u given several times); a
+  replica that refuses connections or keeps failing is taken out of rotation for a while (replicas.py), and its
+  requests go to the others;
 - retries with exponential backoff and jitter on 408, 429, 5xx, timeouts, connection errors, garbled bodies and
   empty replies, waiting as long as a well-formed Retry-After header asks; a request that keeps getting 429
   waits up to rate_limit_wait seconds in all before it is dropped;
 - fail-fast errors for what a retry cannot fix (a rejected API key, an unknown model, an unreachable server);
 - optional requests-per-minute and tokens-per-minute limits, for cloud plans: every attempt, retries included,
   takes its place in them;
-- an on-disk cache (SQLite, see ResponseCache) keyed by a hash of (model, messages, parameters, the model's
-  fingerprint): a re-run, or a run resumed after Ctrl-C or kill -9, sends only the requests that never completed;
+- an on-disk cache (SQLite, reply_cache.py) keyed by a hash of (model, messages, parameters, the model's
+  fingerprint: identify_model()): a re-run, or a run resumed after Ctrl-C or kill -9, sends only the requests that
+  never completed, and another model served under the same name is asked again;
+- replies of reasoning models (vLLM's --reasoning-parser, llama.cpp, Ollama): the thinking (reasoning_content,
+  reasoning, a leading <think> block) is never taken as the answer, and a reply cut inside it is a truncated one;
 - requests by priority (complete(..., priority)): raft.py asks a chunk's answers before new chunks' questions;
 - streaming of one reply as it is written (stream()), for the chatbot.
 """
 import asyncio
 import collections
 import email.utils
+import hashlib
 import heapq
 import itertools
 import json
 import random
+import re
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
@@ -28,8 +36,14 @@ from urllib.parse import urlsplit
 import aiohttp
 from tqdm import tqdm
 
-from errors import LLMFatalError
+from errors import LLMFatalError, ServerUnreachable
+from replicas import Replica, Replicas
 from reply_cache import ResponseCache, cache_key
+
+# What a /models entry (and llama.cpp's /props) says about the weights behind a name: the model's fingerprint keeps
+# these and drops what describes the call (vLLM's per-call permission ids, llama.cpp's listing time, ...).
+DESCRIBES_THE_WEIGHTS = ("id", "root", "parent", "max_model_len", "meta", "props_model_path")
+_THINKING = re.compile(r"^\s*<think>.*?</think>\s*", re.S)
 
 
 @dataclass
@@ -167,6 +181,30 @@ def quiet_after_ctrl_c(loop: asyncio.AbstractEventLoop, context: dict):
         loop.default_exception_handler(context)
 
 
+def without_thinking(pieces: Iterator[str]) -> Iterator[str]:
+    """A streamed reply's pieces without a leading <think> block (a reasoning model behind a server that does not
+    parse reasoning, such as TGI): held back while the reply could still open one, dropped up to its end."""
+    held = ""
+    for piece in pieces:
+        held += piece
+        head = held.lstrip()
+        if head.startswith("<think>"):
+            end = head.find("</think>")
+            if end < 0:
+                continue
+            rest = head[end + len("</think>"):].lstrip()
+        elif "<think>".startswith(head):
+            continue                     # "<th" may still become "<think>"
+        else:
+            rest = held
+        if rest:
+            yield rest
+        yield from pieces
+        return
+    if held and not held.lstrip().startswith("<think>"):
+        yield held                       # a reply shorter than "<think>" (all of it thinking: nothing)
+
+
 @dataclass
 class ChatClient:
     urls: Sequence[str]
@@ -189,7 +227,8 @@ class ChatClient:
             raise LLMFatalError("no endpoint given: pass the server's base URL with -u, e.g. http://localhost:8001/v1")
         self.urls = [u.rstrip("/") for u in self.urls]
         self.cache = ResponseCache(self.cache_path) if self.cache_path else None
-        self._next_url = 0
+        self.replicas = Replicas(self.urls, [public_host(u) for u in self.urls])
+        self._unfingerprinted_keys = False     # whether an earlier version's cache answers this model too
         self._served: dict[str, dict[str, dict]] = {}     # url -> model id -> its /models entry (preflight)
         self._limiter = RateLimiter(self.rpm, self.tpm)
         self._gate = PriorityGate(self.max_in_flight)
@@ -217,6 +256,8 @@ class ChatClient:
         served first). A failure after the retries comes back as a ChatResult without text."""
         key = cache_key(self.model, messages, params, self.fingerprint) if self.cache is not None else None
         hit = self.cache.get(key) if self.cache is not None else None
+        if not hit and self._unfingerprinted_keys:
+            hit = self.cache.get(cache_key(self.model, messages, params))
         if hit:
             self.usage.cached += 1
             return ChatResult(hit["text"], hit["prompt_tokens"], hit["completion_tokens"], cached=True,
@@ -231,11 +272,15 @@ class ChatClient:
         """One reply, piece by piece as the server writes it (stream=true). A single try, not cached: a person is
         reading, and a retry would repeat what they have already seen. Failures raise LLMFatalError."""
         pieces = self._stream(self._session(), messages, params)
+
+        def each_piece():
+            try:
+                while True:
+                    yield self._loop.run_until_complete(pieces.__anext__())
+            except StopAsyncIteration:
+                return
         try:
-            while True:
-                yield self._loop.run_until_complete(pieces.__anext__())
-        except StopAsyncIteration:
-            return
+            yield from without_thinking(each_piece())
         finally:
             async def settle():
                 # After Ctrl-C the read in progress is still scheduled: cancel it, then close the stream.
@@ -280,18 +325,40 @@ class ChatClient:
                                                timeout=aiohttp.ClientTimeout(total=self.timeout))
         return self._http
 
-    def _pick_url(self) -> str:
-        url = self.urls[self._next_url % len(self.urls)]
-        self._next_url += 1
-        return url
+    async def _next_replica(self) -> Replica:
+        """The next replica in rotation; when every one is out, the first to come back, once it does."""
+        while True:
+            replica, wait = self.replicas.pick()
+            if replica is not None:
+                return replica
+            await asyncio.sleep(wait)
+
+    def _replica_failed(self, replica: Optional[Replica], failure: "_Retry") -> bool:
+        """Count a failed attempt against its replica (with several); True when the replica was taken out of
+        rotation and others remain, so that the request goes on at once elsewhere, the attempt not counted."""
+        if replica is None or len(self.urls) == 1 or failure.rate_limited:
+            return False
+        taken_out = self.replicas.failed(replica, refused=failure.reason.startswith("connection error"))
+        return taken_out and self.replicas.others_in_rotation(replica)
 
     async def _preflight(self, http) -> str:
-        for url in self.urls:
+        """Every replica's model list. With several, one that does not answer is left out of rotation with a
+        warning (it is tried again later); none answering, or a single one not answering, is an error."""
+        for replica in self.replicas.all:
+            url = replica.url
             try:
                 entries = await self._send_with_retries(http, "GET", url, "/models", None, self._parse_models,
                                                         retries=min(2, self.max_retries))
-            except _Failed as failure:
-                raise LLMFatalError(f"{public_host(url)} did not list its models ({failure.reason}): "
+            except (_Failed, ServerUnreachable) as failure:
+                reason = getattr(failure, "reason", None) or str(failure)
+                if len(self.urls) > 1:
+                    self.replicas.take_out(replica)
+                    print(f"warning: replica {replica.name} does not answer ({reason}): it is left out of rotation "
+                          "and tried again later", file=sys.stderr, flush=True)
+                    continue
+                if isinstance(failure, ServerUnreachable):
+                    raise
+                raise LLMFatalError(f"{replica.name} did not list its models ({reason}): "
                                     "is -u the base URL of an OpenAI-compatible server?") from None
             served = [entry["id"] for entry in entries]
             self._served.setdefault(url, {entry["id"]: entry for entry in entries})
@@ -303,28 +370,33 @@ class ChatClient:
                     raise LLMFatalError(f"{public_host(url)} serves {len(served)} models "
                                         f"({', '.join(served) or 'none listed'}): choose one with -m")
                 self.model = served[0]
+        if not self._served:
+            raise ServerUnreachable(f"none of the {len(self.urls)} replicas answered "
+                                    f"({', '.join(r.name for r in self.replicas.all)}): start them or fix -u")
         return self.model
 
     @staticmethod
     def _parse_models(body: dict) -> list[dict]:
-        entries = body["data"]
+        entries = body["data"] or []        # Ollama lists no model as null
         if not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in entries):
             raise TypeError("a model entry without an id")
         return entries
 
-    def model_description(self) -> list[dict]:
-        """What the servers say about the model, after preflight(): its /models entry (vLLM adds the weights' path
-        as 'root' and max_model_len; llama.cpp's server the model's size and shape) and, where the server has
-        llama.cpp's /props, the model file it loaded; one description per distinct answer of the endpoints, with
-        no host in it (the same model moved to another port is the same model). Two models served under one
-        name differ here."""
-        return self._loop.run_until_complete(self._describe(self._session()))
+    def identify_model(self, revision: str = "") -> dict:
+        """After preflight(): what the servers say about the weights behind the model's name (their /models entry
+        and llama.cpp's /props, DESCRIBES_THE_WEIGHTS only), one description per distinct answer of the replicas,
+        with no host in it (the same model moved to another port is the same model), and the revision a user gave.
+        Its hash becomes the fingerprint in every cache key: two models served under one name never share replies."""
+        described = {"servers": self._loop.run_until_complete(self._describe(self._session())), "revision": revision}
+        self.fingerprint = hashlib.sha256(json.dumps(described, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+        self._unfingerprinted_keys = self.cache is not None and self.cache.adopts_unfingerprinted(self.fingerprint)
+        return described
 
     async def _describe(self, http) -> list[dict]:
         description = []
-        for url in self.urls:
-            entry = dict(self._served.get(url, {}).get(self.model, {}))
-            entry.pop("created", None)          # some servers stamp the listing time: not a property of the model
+        for url in self._served:
+            listed = self._served[url].get(self.model, {})
+            entry = {name: listed[name] for name in DESCRIBES_THE_WEIGHTS if name in listed}
             root = url[:-3] if url.endswith("/v1") else url
             try:
                 props = await self._send_with_retries(http, "GET", root, "/props", None, dict, retries=0)
@@ -337,17 +409,21 @@ class ChatClient:
 
     @staticmethod
     def _parse_chat(body: dict) -> tuple[str, int, int, bool]:
-        """(text, prompt tokens, completion tokens, truncated). An empty reply is a failure worth retrying: a
-        server under load sometimes returns one, and an empty answer would be scored as a wrong one."""
+        """(text, prompt tokens, completion tokens, truncated). The text is the message's content without a leading
+        <think> block; a reasoning model's thinking (reasoning_content, reasoning) is never the answer. A reply cut at
+        max_tokens (finish_reason "length") is truncated, even when the cut came inside the thinking and left no
+        content: the caller asks again with a larger budget. An empty reply that was not cut is a failure worth
+        retrying: a server under load sometimes returns one, and an empty answer would be scored as a wrong one."""
         choice = body["choices"][0]
-        text = choice["message"]["content"]
+        text = choice["message"].get("content")
         if not isinstance(text, (str, type(None))):
             raise TypeError("content is not text")
-        if not (text or "").strip():
+        text = _THINKING.sub("", text or "")
+        truncated = choice.get("finish_reason") == "length"
+        if not text.strip() and not truncated:
             raise _Retry("empty reply")
         usage = body.get("usage") or {}
-        return (text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
-                choice.get("finish_reason") == "length")
+        return text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), truncated
 
     async def _complete_all(self, requests, desc) -> list[ChatResult]:
         """max_in_flight workers share one iterator over the requests, each taking the next one when free (fewer
@@ -387,18 +463,24 @@ class ChatClient:
         """One request with retries. Raises LLMFatalError for what retrying cannot fix, and _Failed when this
         request alone fails: at once for a 4xx, once the retries are spent, or once its 429s have lasted
         rate_limit_wait seconds. With `estimate` (its tokens), every attempt first takes its place in the rpm/tpm
-        windows: a provider counts retries too."""
+        windows: a provider counts retries too. Without `url`, each attempt goes to the next replica in rotation."""
         retries = self.max_retries if retries is None else retries
         attempt, rate_limited_for = 0, 0.0
         while True:
-            target = url or self._pick_url()
+            replica = None if url else await self._next_replica()
+            target = url or replica.url
             entry = await self._limiter.acquire(lambda: estimate) if estimate is not None else None
             try:
                 parsed = await self._send_once(http, method, target, path, body, parse)
                 if entry is not None:       # a chat reply: (text, prompt tokens, completion tokens, truncated)
                     RateLimiter.settle(entry, parsed[1] + parsed[2])
+                if replica is not None:
+                    self.replicas.succeeded(replica)
                 return parsed
             except _Retry as failure:
+                if self._replica_failed(replica, failure):
+                    self.usage.retries += 1
+                    continue                # its replica is out of rotation: on to another one at once
                 backoff = min(self.backoff_max, self.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.0)
                 wait = failure.wait if failure.wait is not None else backoff
                 if failure.rate_limited:
@@ -409,8 +491,8 @@ class ChatClient:
                 else:
                     if attempt == retries:
                         if failure.reason.startswith("connection error"):
-                            raise LLMFatalError(f"cannot reach {public_host(target)} ({failure.reason}) after "
-                                                f"{attempt + 1} tries: start the server or fix -u") from None
+                            raise ServerUnreachable(f"cannot reach {public_host(target)} ({failure.reason}) after "
+                                                    f"{attempt + 1} tries: start the server or fix -u") from None
                         raise
                     attempt += 1
                 self.usage.retries += 1
@@ -450,8 +532,23 @@ class ChatClient:
             # 400 and friends: this request is wrong (e.g. longer than the context); retrying won't help.
             raise _Failed(f"HTTP {status}: {text[:200].strip()}")
 
+    @staticmethod
+    def _stream_piece(url: str, data: str) -> Optional[str]:
+        """The answer text of one stream event: its delta's content. The thinking of a reasoning model
+        (reasoning_content, reasoning) is not the answer; a usage-only event (no choices) carries none; an error
+        event (vLLM, TGI: sent after the 200) ends the reply."""
+        try:
+            event = json.loads(data)
+            if "error" in event:
+                error = event["error"]
+                message = error.get("message", "") if isinstance(error, dict) else error
+                raise LLMFatalError(f"{public_host(url)} failed in the middle of the reply: {str(message)[:100]}")
+            return event["choices"][0]["delta"].get("content") if event["choices"] else None
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise LLMFatalError(f"{public_host(url)} sent a malformed stream event: {data[:100]}") from None
+
     async def _stream(self, http, messages, params):
-        url = self._pick_url()
+        url = (self.replicas.pick()[0] or self.replicas.all[0]).url
         body = {"model": self.model, "messages": list(messages), **params, "stream": True}
         try:
             async with http.post(url + "/chat/completions", json=body) as response:
@@ -465,10 +562,7 @@ class ChatClient:
                     data = data[5:].strip()
                     if data == "[DONE]":
                         return
-                    try:
-                        piece = json.loads(data)["choices"][0]["delta"].get("content")
-                    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                        raise LLMFatalError(f"{public_host(url)} sent a malformed stream event: {data[:100]}") from None
+                    piece = self._stream_piece(url, data)
                     if piece:
                         yield piece
         except _Failed as failure:

@@ -6,7 +6,9 @@
 
 documents -> chunks -> questions per chunk -> chain-of-thought answers -> RAFT records in -o (default ./output/):
 the Hugging Face dataset (save_to_disk), raft.jsonl (or the format chosen) and raft_run.json (the settings).
-Every teacher reply is cached: run the same command again after a crash or Ctrl-C and it resumes.
+Every teacher reply is cached, keyed by the teacher's fingerprint: run the same command again after a crash or Ctrl-C
+and it resumes. The new outputs replace the previous ones in -o only once all are written; a run that fails or is
+stopped leaves them as they were, and a second run into a folder that a running one holds stops at once.
 Settings live in raft.yaml (-c); the flags below override them.
 """
 import argparse
@@ -15,6 +17,7 @@ import collections
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,6 +30,7 @@ from cli import add_client_flags, add_source_flags, client_from_config, connect,
 from config import RAFT_SCHEMA, TOOLKIT_VERSION, fill_prompt, load_config_with_flags
 from documents import load_chunks
 from errors import InputError, OutputError
+from folder_lock import FolderLock
 from llm_client import ChatResult, public_host
 from raft_utils import QA, AssemblySettings, chunks_needed, parse_questions, quotes_verified
 from record_writer import RecordWriter, what_to_do_about
@@ -56,6 +60,7 @@ def parse_args(argv):
 
 
 TRUNCATED = "truncated: cut at max_tokens, also with twice the budget"
+STREAM = "raft_records.partial.jsonl"     # the records as they are written, in the staging folder
 QUESTION_PRIORITY, ANSWER_PRIORITY = 1, 0      # answers first: a chunk in progress finishes before new ones start
 
 
@@ -164,24 +169,39 @@ def drop_reason(stage: str, result: ChatResult) -> str:
     return TRUNCATED if result.error == TRUNCATED else f"{stage} request failed ({result.error})"
 
 
-def write_outputs(stream: Path, cfg, client, stats) -> Path:
-    """The converted file from the records streamed to `stream` (raft.py's own format and JSONL: the stream itself,
-    renamed), and raft_run.json (the settings and counts)."""
-    output = Path(cfg["output"])
+STAGING = ".raft-next"    # inside -o: the new outputs, swapped in over the previous ones only once all are written
+RUN_RECORD = "raft_run.json"
+
+
+def write_outputs(staging: Path, cfg, client, stats) -> str:
+    """The converted file from the records streamed into the staging folder (raft.py's own format and JSONL: the
+    stream itself, renamed), and raft_run.json (the settings and counts); returns the converted file's name."""
+    stream = staging / STREAM
     if cfg["output_format"] == "hf" and cfg["output_type"] == "jsonl":
-        target = formats.output_file(str(output / "raft"), "jsonl")
+        target = formats.output_file(str(staging / "raft"), "jsonl")
         os.replace(stream, target)
     else:
-        target = formats.write(formats.iter_jsonl(str(stream)), str(output / "raft"), cfg["output_format"],
+        target = formats.write(formats.iter_jsonl(str(stream)), str(staging / "raft"), cfg["output_format"],
                                cfg["output_type"], cfg["output_chat_system_prompt"])
         stream.unlink()
     run_settings = {
         "tool": "raft-toolkit", "version": TOOLKIT_VERSION, "teacher_model": client.model,
-        "endpoints": [public_host(u) for u in client.urls], "seed": cfg["seed"], "config": cfg,
+        "teacher_fingerprint": client.fingerprint, "endpoints": [public_host(u) for u in client.urls],
+        "seed": cfg["seed"], "config": cfg,
         "counts": {k: (dict(v) if isinstance(v, collections.Counter) else v) for k, v in stats.items()},
     }
-    (output / "raft_run.json").write_text(json.dumps(run_settings, indent=2, ensure_ascii=False) + "\n")
-    return target
+    (staging / RUN_RECORD).write_text(json.dumps(run_settings, indent=2, ensure_ascii=False) + "\n")
+    return target.name
+
+
+def swap_in(staging: Path, output: Path):
+    """Move the new outputs over the previous ones, file by file (each os.replace is atomic), raft_run.json last:
+    until this point a failed or stopped run has left the previous dataset, raft.jsonl and raft_run.json as they
+    were. A replaced gigabyte file is freed on another thread (format.discard_in_background)."""
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == RUN_RECORD):
+        formats.discard_in_background(output / path.name)
+        os.replace(path, output / path.name)
+    staging.rmdir()
 
 
 def print_summary(stats, client, target, skipped, seconds):
@@ -198,6 +218,7 @@ def print_summary(stats, client, target, skipped, seconds):
         f"unverified quotes {stats.get('unverified quotes', 0)} (flagged with quotes_verified=false)",
         f"requests         {usage.sent} sent, {usage.cached} from the cache, {usage.retries} retries, {usage.failed} failed, "
         f"{usage.truncated} cut at max_tokens",
+        *(f"replica          {line} (its requests went to the others)" for line in client.replicas.outages()),
         f"tokens           {usage.prompt_tokens} prompt + {usage.completion_tokens} completion sent in this run",
         f"time             {seconds:.1f} s",
         f"output           {target}",
@@ -217,15 +238,11 @@ def generate(client, cfg, chunks, asked, writer: RecordWriter, stats):
     stats.update(writer.finish())
 
 
-def run(args) -> int:
-    started = time.time()
-    cfg = load_config_with_flags(args.config, RAFT_SCHEMA, args)
-    stats = collections.Counter()
-    stats["dropped"] = collections.Counter()
-
+def load_and_check(cfg, args, stats) -> tuple:
+    """The documents and chunks (every chunk a possible distractor; --max_chunks limits those asked about) and the
+    assembly settings, checked before any request."""
     loaded, chunks, stats["chunks dropped"] = load_chunks(cfg["data_dir"], cfg["xml_path"], cfg["verify_ssl"],
                                                           cfg["chunk_size"])
-    # --max_chunks limits the chunks asked about; distractors still come from every chunk.
     asked = chunks[:args.max_chunks] if args.max_chunks else chunks
     stats.update(documents=len(loaded.documents), chunks=len(chunks), **{"chunks asked": len(asked)})
     assembly = AssemblySettings(cfg["num_distract_docs"], cfg["oracle_probability"],
@@ -234,45 +251,77 @@ def run(args) -> int:
         raise InputError(f"only {len(chunks)} chunk(s), but each example needs {chunks_needed(assembly)} distinct "
                          "chunks (oracle + num_distract_docs + 1 spare): add documents, lower --chunk_size "
                          "or lower num_distract_docs")
+    return loaded, chunks, asked, assembly
 
-    output = Path(cfg["output"])
+
+def writable_folder(path: Path) -> Path:
     try:
-        output.mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"cannot make the output folder {output} ({e.strerror}): {what_to_do_about(e)}") from None
-    stream = output / "raft_records.partial.jsonl"
-    cache_path = cfg["cache_path"] or str(output / "llm_cache.sqlite")
+        raise OutputError(f"cannot make the output folder {path} ({e.strerror}): {what_to_do_about(e)}") from None
+    return path
+
+
+def run(args) -> int:
+    started = time.time()
+    cfg = load_config_with_flags(args.config, RAFT_SCHEMA, args)
+    stats = collections.Counter()
+    stats["dropped"] = collections.Counter()
+    loaded, chunks, asked, assembly = load_and_check(cfg, args, stats)
+    output = writable_folder(Path(cfg["output"]))
+    with FolderLock(output):
+        staging = output / STAGING
+        shutil.rmtree(staging, ignore_errors=True)         # an earlier run's unfinished outputs
+        writable_folder(staging)
+        client = ask_teacher(cfg, args, chunks, asked, assembly, staging, stats, loaded)
+        if client is None:
+            return 130
+        try:
+            if not stats["examples"]:
+                dropped = ", ".join(f"{n} {why}" for why, n in stats["dropped"].items()) or "nothing parsed"
+                raise InputError(f"the teacher produced no usable question/answer pair ({dropped}): "
+                                 f"check the model and the prompts in {args.config}")
+            target = write_outputs(staging, cfg, client, stats)
+            swap_in(staging, output)
+        except OSError as e:
+            raise OutputError(f"writing the outputs into {output} failed ({e}): {what_to_do_about(e)}; the "
+                              "previous outputs there are unchanged") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    print_summary(stats, client, output / target, loaded.skipped, time.time() - started)
+    return 0
+
+
+def ask_teacher(cfg, args, chunks, asked, assembly, staging: Path, stats, loaded):
+    """The teacher's questions and answers, assembled into records in the staging folder by the record writer.
+    Returns the (closed) client, or None after Ctrl-C; any failure removes the staging folder, so the previous
+    outputs in -o stay as they were."""
+    cache_path = cfg["cache_path"] or str(staging.parent / "llm_cache.sqlite")
     # The record writer first, while this process has no event loop, socket, thread or open database for it to
     # inherit.
-    writer = RecordWriter(chunks, assembly, cfg["seed"], stream, output)
+    writer = RecordWriter(chunks, assembly, cfg["seed"], staging / STREAM, staging)
     client = None
     try:
         client = client_from_config(cfg, args, args.url or [DEFAULT_URL], cfg["model"], cache_path)
-        formats.discard_in_background(formats.output_file(str(output / "raft"), cfg["output_type"]))
         connect(client, args)
+        client.identify_model()
         print(f"teacher {client.model} at {', '.join(public_host(u) for u in client.urls)}; "
               f"questions on {len(asked)} of {len(chunks)} chunks from {len(loaded.documents)} documents", flush=True)
         generate(client, cfg, chunks, asked, writer, stats)
+        return client
     except KeyboardInterrupt:
         writer.abandon()
-        print(f"\ninterrupted: finished replies are kept in {client.cache.path if client else cache_path}; "
-              "run the same command again to resume", file=sys.stderr)
-        return 130
+        shutil.rmtree(staging, ignore_errors=True)
+        print(f"\ninterrupted: finished replies are kept in {client.cache.path if client else cache_path} and the "
+              "previous outputs are unchanged; run the same command again to resume", file=sys.stderr)
+        return None
     except BaseException:
         writer.abandon()
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
         if client:
             client.close()
-
-    if not stats["examples"]:
-        stream.unlink()
-        dropped = ", ".join(f"{n} {why}" for why, n in stats["dropped"].items()) or "nothing parsed"
-        raise InputError(f"the teacher produced no usable question/answer pair ({dropped}): "
-                         f"check the model and the prompts in {args.config}")
-    target = write_outputs(stream, cfg, client, stats)
-    print_summary(stats, client, target, loaded.skipped, time.time() - started)
-    return 0
 
 
 def main(argv=None) -> int:

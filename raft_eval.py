@@ -21,7 +21,6 @@ are reused only while its server describes the same model (its /models entry, --
 --train_data reports eval questions that also appear in the training data.
 """
 import argparse
-import hashlib
 import json
 import random
 import re
@@ -37,7 +36,8 @@ import report
 from cli import add_client_flags, add_source_flags, client_from_config, connect, run_main
 from config import TOOLKIT_VERSION, fill_prompt, load_eval_config
 from documents import load_chunks
-from errors import ConfigError, InputError, LLMFatalError
+from errors import ConfigError, InputError, LLMFatalError, OutputError
+from folder_lock import FolderLock
 from llm_client import ChatClient, public_host
 from raft_utils import instruction
 from text import final_answer
@@ -170,14 +170,6 @@ def parse_baseline(spec: str) -> tuple[str, str]:
     return name, url
 
 
-def fingerprint(client: ChatClient, revision: str = "") -> tuple[str, dict]:
-    """(a short hash, what it hashes): the servers' description of the model behind the name, and the revision
-    the user gave. Replies cached under another fingerprint are never reused."""
-    described = {"servers": client.model_description(), "revision": revision}
-    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode("utf-8")).hexdigest()[:16]
-    return digest, described
-
-
 def cache_file(output: Path, name: str) -> Path:
     """One reply cache per system, so two servers that serve the same model name never share answers (a .jsonl
     cache of an earlier version beside it is imported)."""
@@ -253,7 +245,7 @@ class Endpoint:
     url: str
     client: ChatClient
     name: str = ""       # the served model name, known after the pre-flight check
-    described: Optional[dict] = None    # what its server says about the model (see fingerprint)
+    described: Optional[dict] = None    # what its server says about the model (ChatClient.identify_model)
 
 
 def open_endpoints(cfg, args, baselines, output: Path) -> list[Endpoint]:
@@ -269,7 +261,7 @@ def open_endpoints(cfg, args, baselines, output: Path) -> list[Endpoint]:
         for endpoint in endpoints:
             endpoint.name = connect(endpoint.client, args)
             revision = args.model_revision if endpoint.role == "model under test" else ""
-            endpoint.client.fingerprint, endpoint.described = fingerprint(endpoint.client, revision)
+            endpoint.described = endpoint.client.identify_model(revision)
     except LLMFatalError as e:
         close_all(endpoints)
         raise LLMFatalError(f"{' '.join(filter(None, [endpoint.role, endpoint.client.model]))}: {e}") from None
@@ -286,65 +278,33 @@ def close_all(endpoints: list[Endpoint]):
 
 
 def run(args) -> int:
-    started = time.time()
     cfg = load_eval_config(args.config, args)
     output = Path(cfg["output"])
-    if args.draft_from:
-        return write_draft(args, output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot make the output folder {output} ({e.strerror}): choose another -o") from None
+    with FolderLock(output):           # two evaluations into one folder would overwrite each other's outputs
+        return write_draft(args, output) if args.draft_from else evaluate(cfg, args, output)
+
+
+def evaluate(cfg, args, output: Path) -> int:
+    started = time.time()
     baselines = [parse_baseline(spec) for spec in args.baseline]
     questions = read_eval_file(cfg["eval_file"])[:args.limit]
-    refusal_answer = cfg["refusal_answer"]
     overlap = training_overlap(questions, args.train_data) if args.train_data else None
     loaded, chunks = load_run_chunks(cfg)
     topks = clamp_topks(cfg["rag_topk"], len(chunks))
     endpoints = open_endpoints(cfg, args, baselines, output)
-    *systems, judge = endpoints
     try:
-        retrievers = build_retrievers(chunks, [cfg["retriever"]] + [k for k in KINDS if k != cfg["retriever"]],
-                                      cfg["embedding_model"], cfg["index_cache"] or None, cfg["embedding_batch_size"],
-                                      cfg["embedding_dtype"], settings_from_config(cfg))
-        # Every kind ranks the questions once, deep enough for the answers and the answer-support diagnostic.
-        support_ks = sorted({k for k in SUPPORT_KS + tuple(topks) if k <= len(chunks)})
-        by_kind = {kind: retriever.rank([q["question"] for q in questions], max(support_ks))
-                   for kind, retriever in retrievers.items()}
-        support = {kind: {f"recall@{k}": metrics.support_recall(ranked, chunks, [q["answer"] for q in questions], k)
-                          for k in support_ks} for kind, ranked in by_kind.items()}
-        rankings = [ranking[:max(topks)] for ranking in by_kind[cfg["retriever"]]]
+        rankings, support = retrieve(cfg, questions, chunks, topks)
         requests = answer_requests(cfg, questions, chunks, rankings, topks)
-        log = [{"question": q["question"], "answer": q["answer"],
-                "retrieved": [{"rank": r, "chunk": i, "source": chunks[i].source} for r, i in enumerate(ranking, 1)],
-                "systems": {}} for q, ranking in zip(questions, rankings)]
-        for system in systems:
-            print(f"{system.role} {system.name} at {public_host(system.url)}: {len(questions)} questions x "
-                  f"{len(requests)} conditions", flush=True)
-            replies = answer_all(system.client, system.name, requests)
-            say_where_answers_came_from(system)
-            for condition, results in replies.items():
-                for row, question, result in zip(log, questions, results):
-                    row["systems"].setdefault(system.name, {})[condition] = score(question, result, refusal_answer)
-        controls = metrics.calibration_controls([q["answer"] for q in questions], refusal_answer, args.seed) \
-            if cfg["judge_calibration"] else []
-        print(f"judge {judge.name} at {public_host(judge.url)}"
-              + (f", with {len(controls)} calibration controls" if controls else ""), flush=True)
-        judge_all(judge.client, cfg, questions, [(q, entry) for q, row in enumerate(log)
-                                                 for answers in row["systems"].values() for entry in answers.values()]
-                  + [(c["question"], c) for c in controls])
+        log, controls = answer_and_judge(cfg, args, endpoints, questions, chunks, rankings, requests)
     except LLMFatalError as e:
         raise LLMFatalError(f"{e} (replies so far are kept in {output / 'cache'}; run again to resume)") from None
     finally:
         close_all(endpoints)
-
-    resamples = metrics.resample_indices(len(questions), cfg["bootstrap_resamples"], args.seed)
-    rows = {s.name: {condition: [row["systems"][s.name][condition] for row in log] for condition in requests}
-            for s in systems}
-    summary = {name: {condition: {**metrics.summarise(answers),
-                                  "intervals": metrics.bootstrap_intervals(answers, resamples)}
-                      for condition, answers in conditions.items()} for name, conditions in rows.items()}
-    tested, *baselines_answered = systems
-    comparisons = [{"system": tested.name, "baseline": base.name, "condition": condition,
-                    **metrics.paired_comparison(rows[tested.name][condition], rows[base.name][condition], resamples)}
-                   for base in baselines_answered for condition in requests]
-    calibration = metrics.calibration_summary(controls, cfg["judge_min_rate"]) if controls else None
+    *systems, judge = endpoints
     settings = {"tool": "raft-toolkit", "version": TOOLKIT_VERSION, "questions": len(questions),
                 "eval_file": cfg["eval_file"], "sources": cfg["data_dir"] or cfg["xml_path"],
                 "sources_from": cfg["sources_from"],
@@ -354,11 +314,67 @@ def run(args) -> int:
                 "models": {f"{s.role}: {s.name}": {"fingerprint": s.client.fingerprint, **s.described}
                            for s in endpoints},
                 "seed": args.seed, "bootstrap_resamples": cfg["bootstrap_resamples"], "config": cfg}
-    results = {"settings": settings, "judge_calibration": calibration, "systems": summary,
-               "comparisons": comparisons, "training_overlap": overlap, "retrieval": support}
+    results = {"settings": settings, **summarise(cfg, args, systems, log, controls, list(requests)),
+               "training_overlap": overlap, "retrieval": support}
     paths = write_outputs(output, results, log, controls)
     print_summary(results, endpoints, paths, time.time() - started)
     return 0
+
+
+def retrieve(cfg, questions, chunks, topks) -> tuple[list, dict]:
+    """(each question's ranking with the configured retriever, answer-support recall of every retriever kind).
+    Every kind ranks the questions once, deep enough for the answers and the answer-support diagnostic."""
+    retrievers = build_retrievers(chunks, [cfg["retriever"]] + [k for k in KINDS if k != cfg["retriever"]],
+                                  cfg["embedding_model"], cfg["index_cache"] or None, cfg["embedding_batch_size"],
+                                  cfg["embedding_dtype"], settings_from_config(cfg))
+    support_ks = sorted({k for k in SUPPORT_KS + tuple(topks) if k <= len(chunks)})
+    by_kind = {kind: retriever.rank([q["question"] for q in questions], max(support_ks))
+               for kind, retriever in retrievers.items()}
+    support = {kind: {f"recall@{k}": metrics.support_recall(ranked, chunks, [q["answer"] for q in questions], k)
+                      for k in support_ks} for kind, ranked in by_kind.items()}
+    return [ranking[:max(topks)] for ranking in by_kind[cfg["retriever"]]], support
+
+
+def answer_and_judge(cfg, args, endpoints, questions, chunks, rankings, requests) -> tuple[list[dict], list[dict]]:
+    """Every system's answers in every condition, then the judge's verdicts on them and on the calibration
+    controls: (the per-question log, the controls)."""
+    *systems, judge = endpoints
+    log = [{"question": q["question"], "answer": q["answer"],
+            "retrieved": [{"rank": r, "chunk": i, "source": chunks[i].source} for r, i in enumerate(ranking, 1)],
+            "systems": {}} for q, ranking in zip(questions, rankings)]
+    for system in systems:
+        print(f"{system.role} {system.name} at {public_host(system.url)}: {len(questions)} questions x "
+              f"{len(requests)} conditions", flush=True)
+        replies = answer_all(system.client, system.name, requests)
+        say_where_answers_came_from(system)
+        for condition, results in replies.items():
+            for row, question, result in zip(log, questions, results):
+                row["systems"].setdefault(system.name, {})[condition] = score(question, result, cfg["refusal_answer"])
+    controls = metrics.calibration_controls([q["answer"] for q in questions], cfg["refusal_answer"], args.seed) \
+        if cfg["judge_calibration"] else []
+    print(f"judge {judge.name} at {public_host(judge.url)}"
+          + (f", with {len(controls)} calibration controls" if controls else ""), flush=True)
+    judge_all(judge.client, cfg, questions, [(q, entry) for q, row in enumerate(log)
+                                             for answers in row["systems"].values() for entry in answers.values()]
+              + [(c["question"], c) for c in controls])
+    return log, controls
+
+
+def summarise(cfg, args, systems, log, controls, conditions) -> dict:
+    """Per system and condition the metrics with their bootstrap intervals, the model under test against each
+    baseline (paired), and the judge's calibration."""
+    resamples = metrics.resample_indices(len(log), cfg["bootstrap_resamples"], args.seed)
+    rows = {s.name: {condition: [row["systems"][s.name][condition] for row in log] for condition in conditions}
+            for s in systems}
+    summary = {name: {condition: {**metrics.summarise(answers),
+                                  "intervals": metrics.bootstrap_intervals(answers, resamples)}
+                      for condition, answers in by_condition.items()} for name, by_condition in rows.items()}
+    tested, *baselines = systems
+    comparisons = [{"system": tested.name, "baseline": base.name, "condition": condition,
+                    **metrics.paired_comparison(rows[tested.name][condition], rows[base.name][condition], resamples)}
+                   for base in baselines for condition in conditions]
+    calibration = metrics.calibration_summary(controls, cfg["judge_min_rate"]) if controls else None
+    return {"judge_calibration": calibration, "systems": summary, "comparisons": comparisons}
 
 
 def say_where_answers_came_from(system: Endpoint):

@@ -82,7 +82,8 @@ class RecordWriter:
             signal.signal(signal.SIGINT, previous)
 
     def add(self, qas: list[QA]):
-        """Hand over a window's QAs; waits while the writer is still busy with the previous window."""
+        """Hand over a window's QAs; waits while the writer is still busy with the previous window, and raises its
+        failure as soon as it has stopped (a full disk), however many windows are left."""
         self._until_done(lambda: self.windows.put(qas, timeout=0.5))
 
     def finish(self) -> collections.Counter:
@@ -100,9 +101,18 @@ class RecordWriter:
         self.process.join()
 
     def _until_done(self, step):
+        """step() until it goes through; an OutputError with the writer's own reason once the writer has ended
+        (it puts its reason, or its counts, in `results` and exits: it never takes another window)."""
         while True:
             try:
                 return step()
             except (queue.Full, queue.Empty):
-                if not self.process.is_alive() and self.results.empty():
-                    raise OutputError(f"the record writer stopped (exit code {self.process.exitcode})") from None
+                if not self.process.is_alive():
+                    raise OutputError(self._why_it_stopped()) from None
+
+    def _why_it_stopped(self) -> str:
+        try:
+            outcome = self.results.get(timeout=1.0)
+        except queue.Empty:
+            return f"the record writer stopped (exit code {self.process.exitcode})"
+        return outcome if isinstance(outcome, str) else "the record writer ended before the last window"

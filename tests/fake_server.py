@@ -1,10 +1,15 @@
 """A scripted OpenAI-compatible server over real HTTP on 127.0.0.1, for fault injection and exact assertions.
 
-Its default "model" answers deterministically from the prompt: a question request (no ##begin_quote## in the
-prompt) gets a numbered list of questions about the document; an answer request gets a reasoning that quotes
-the document's first sentence and ends with <ANSWER>:. A test replaces `script` to inject faults: the script
-gets (request body, request number) and returns a Reply, or None for the default answer.
+It speaks as one of the real servers (persona: vllm, openai, llamacpp, ollama, tgi; tests/personas.py says what each
+was written from), or as the minimal "plain" server. Its default "model" answers deterministically from the prompt:
+a question request (no ##begin_quote## in the prompt) gets a numbered list of questions about the document; an
+answer request gets a reasoning that quotes the document's first sentence and ends with <ANSWER>:. A test replaces
+`script` to inject faults: the script gets (request body, request number) and returns a Reply, or None for the
+default answer.
+
+  python -m tests.fake_server --port 8123 --persona vllm      # as a process of its own (a test kills it)
 """
+import argparse
 import hashlib
 import json
 import re
@@ -14,6 +19,11 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Optional
+
+from tests import personas
+
+ERROR_KINDS = {400: "context_length", 401: "unauthorized", 404: "model_not_found", 429: "rate_limited",
+               503: "overloaded"}
 
 
 class _Server(ThreadingHTTPServer):
@@ -35,6 +45,8 @@ class Reply:
     delay: float = 0.0                # seconds before answering (a hanging request)
     finish_reason: str = "stop"       # "length": the reply was cut at max_tokens
     piece_delay: float = 0.0          # streaming: seconds between events (a reply written slowly)
+    reasoning: Optional[str] = None   # a reasoning model's thinking, in the persona's own field
+    no_content: bool = False          # content null: the reply was cut inside the thinking (vLLM's reasoning parser)
 
 
 def document_of(body: dict) -> str:
@@ -61,9 +73,13 @@ def request_hash(body: dict) -> str:
 
 class FakeOpenAI:
     def __init__(self, models=("teacher",), api_key: Optional[str] = None, delay: float = 0.0,
-                 model_info: Optional[dict] = None):
+                 model_info: Optional[dict] = None, persona: str = "plain", port: int = 0,
+                 model_path: str = "/models/teacher.gguf"):
+        assert persona == "plain" or persona in personas.PERSONAS, persona
         self.models = list(models)
+        self.persona = persona
         self.model_info = model_info or {}     # extra fields of every /models entry (vLLM's root, max_model_len)
+        self.model_path = model_path           # llama.cpp's /props: the model file it loaded
         self.models_listed = True              # False: GET /models is a 404, as on some API gateways
         self.api_key = api_key                 # when set, other keys get 401
         self.delay = delay                     # added to every chat request (benchmarks)
@@ -71,7 +87,7 @@ class FakeOpenAI:
         self.requests: list[dict] = []         # every chat request body, in arrival order
         self.in_flight = self.most_in_flight = 0   # chat requests being answered now, and the most at once
         self.lock = threading.Lock()
-        self.server = _Server(("127.0.0.1", 0), self._handler())
+        self.server = _Server(("127.0.0.1", port), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
     def __enter__(self):
@@ -81,6 +97,10 @@ class FakeOpenAI:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+
+    def error(self, status: int, message: str) -> tuple[int, bytes, dict]:
+        status, body, headers = personas.error(self.persona, status, ERROR_KINDS.get(status, "server_error"), message)
+        return status, json.dumps(body).encode(), headers
 
     def _handler(self):
         fake = self
@@ -104,16 +124,24 @@ class FakeOpenAI:
                 except (BrokenPipeError, ConnectionResetError):
                     pass      # the client gave up (a timeout test)
 
-            def _send_stream(self, number, model, content, headers, piece_delay=0.0):
-                """Server-sent events, a few characters per event, as an OpenAI-compatible server streams; with
-                piece_delay, one event at a time (the connection then ends the stream)."""
-                pieces = [content[i:i + 7] for i in range(0, len(content), 7)]
-                chunk = lambda piece: {"id": f"cmpl-{number}", "object": "chat.completion.chunk", "model": model,
-                                       "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece},
-                                                    "finish_reason": None}]}
-                events = [f"data: {json.dumps(chunk(piece))}\n\n" for piece in pieces] + ["data: [DONE]\n\n"]
-                if not piece_delay:
-                    return self._send(200, "".join(events).encode(), headers, content_type="text/event-stream")
+            def _send_json(self, status, value, headers=None):
+                self._send(status, json.dumps(value).encode(), headers)
+
+            def _send_error(self, status, message):
+                self._send(*fake.error(status, message))
+
+            def _send_stream(self, number, body, content, reply: Reply):
+                """Server-sent events, a few characters per event, as the persona streams; with piece_delay, one
+                event at a time (the connection then ends the stream)."""
+                pieces = [] if reply.no_content else [content[i:i + 7] for i in range(0, len(content), 7)]
+                counts = (len(json.dumps(body["messages"])) // 4, len(content) // 4)
+                chunks = personas.stream_chunks(fake.persona, number, body["model"], pieces, reply.reasoning,
+                                                reply.finish_reason, counts, personas.wants_usage(fake.persona, body))
+                if fake.persona == "plain":    # the minimal server: role in every delta, no role-only first chunk
+                    chunks = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+                events = [f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"]
+                if not reply.piece_delay:
+                    return self._send(200, "".join(events).encode(), reply.headers, content_type="text/event-stream")
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Connection", "close")
@@ -123,13 +151,13 @@ class FakeOpenAI:
                     for event in events:
                         self.wfile.write(event.encode())
                         self.wfile.flush()
-                        time.sleep(piece_delay)
+                        time.sleep(reply.piece_delay)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
             def _authorised(self) -> bool:
                 if fake.api_key and self.headers.get("Authorization") != f"Bearer {fake.api_key}":
-                    self._send(401, b'{"error": {"message": "invalid api key"}}')
+                    self._send_error(401, "Incorrect API key provided")
                     return False
                 return True
 
@@ -137,9 +165,10 @@ class FakeOpenAI:
                 if not self._authorised():
                     return
                 if self.path == "/v1/models" and fake.models_listed:
-                    data = [{"id": m, "object": "model", "created": int(time.time()), **fake.model_info}
-                            for m in fake.models]
-                    self._send(200, json.dumps({"object": "list", "data": data}).encode())
+                    entries = [personas.model_entry(fake.persona, m, fake.model_info) for m in fake.models]
+                    self._send_json(200, personas.listing(fake.persona, entries))
+                elif self.path == "/props" and fake.persona == "llamacpp":
+                    self._send_json(200, personas.props(fake.model_path))
                 else:
                     self._send(404, b'{"error": "not found"}')
 
@@ -149,8 +178,9 @@ class FakeOpenAI:
                     return
                 if self.path != "/v1/chat/completions":
                     return self._send(404, b'{"error": "not found"}')
-                if body.get("model") not in fake.models:
-                    return self._send(404, json.dumps({"error": {"message": f"The model `{body.get('model')}` does not exist."}}).encode())
+                if body.get("model") not in fake.models and fake.persona != "llamacpp":   # llama.cpp takes any name
+                    status, error, headers = personas.model_not_found(fake.persona, body.get("model"))
+                    return self._send_json(status, error, headers)
                 with fake.lock:
                     number = len(fake.requests)
                     fake.requests.append(body)
@@ -165,18 +195,33 @@ class FakeOpenAI:
             def _answer(self, body, number):
                 reply = fake.script(body, number) or Reply()
                 time.sleep(reply.delay + fake.delay)
-                if reply.raw is not None or reply.status != 200:
-                    return self._send(reply.status, reply.raw or b'{"error": "scripted"}', reply.headers)
+                if reply.raw is not None:
+                    return self._send(reply.status, reply.raw, reply.headers)
+                if reply.status != 200:
+                    status, payload, headers = fake.error(reply.status, "scripted failure")
+                    return self._send(status, payload, {**headers, **reply.headers})
                 content = default_content(body) if reply.content is None else reply.content
                 if body.get("stream"):
-                    return self._send_stream(number, body["model"], content, reply.headers, reply.piece_delay)
-                payload = {"id": f"cmpl-{number}", "object": "chat.completion", "model": body["model"],
-                           "choices": [{"index": 0, "finish_reason": reply.finish_reason,
-                                        "message": {"role": "assistant", "content": content}}],
-                           "usage": {"prompt_tokens": len(json.dumps(body["messages"])) // 4,
-                                     "completion_tokens": len(content) // 4,
-                                     "total_tokens": len(json.dumps(body["messages"])) // 4 + len(content) // 4}}
-                self._send(200, json.dumps(payload).encode(), reply.headers)
+                    return self._send_stream(number, body, content, reply)
+                counts = (len(json.dumps(body["messages"])) // 4, len(content) // 4)
+                payload = personas.completion(fake.persona, number, body["model"],
+                                              None if reply.no_content else content, reply.reasoning,
+                                              reply.finish_reason, counts)
+                self._send_json(200, payload, reply.headers)
 
         return Handler
 
+
+def main():
+    p = argparse.ArgumentParser(description="the scripted server as a process of its own, until it is killed")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--persona", default="plain")
+    p.add_argument("--model", default="teacher")
+    args = p.parse_args()
+    with FakeOpenAI(models=(args.model,), persona=args.persona, port=args.port) as fake:
+        print(f"serving {fake.url}", flush=True)
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

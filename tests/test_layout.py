@@ -2,7 +2,6 @@
 the toolkit has a layer, and only documents.py imports LangChain."""
 import ast
 import re
-from pathlib import Path
 
 from tests.conftest import ROOT
 

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from errors import LLMFatalError
-from llm_client import ChatClient, RateLimiter
+from llm_client import ChatClient, RateLimiter, without_thinking
+from replicas import Replicas
 from reply_cache import ResponseCache, cache_key
 from tests.fake_server import FakeOpenAI, Reply
 
@@ -137,8 +138,8 @@ def test_the_model_description_has_the_servers_fields_but_no_host_or_time():
             FakeOpenAI(models=("m",), model_info={"root": "/models/a", "max_model_len": 8192}) as b:
         client = ChatClient(urls=[a.url, b.url], model="m", max_retries=0)
         client.preflight()
-        assert client.model_description() == [{"id": "m", "object": "model", "root": "/models/a",
-                                                "max_model_len": 8192}]
+        assert client.identify_model() == {"servers": [{"id": "m", "root": "/models/a", "max_model_len": 8192}],
+                                           "revision": ""}
         client.close()
 
 
@@ -295,3 +296,34 @@ def test_a_ctrl_c_inside_a_request_task_leaves_no_traceback_behind(caplog):
     # Any other failure in the loop is still reported.
     client._loop.call_exception_handler({"message": "something else broke", "exception": ValueError("x")})
     assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == ["something else broke"]
+
+
+@pytest.mark.parametrize("pieces, shown", [
+    (["<thi", "nk>Let me ", "see.</th", "ink>\n\nThe ", "answer."], "The answer."),
+    (["  <think>all of it thinking"], ""),
+    (["<t"], "<t"),
+    (["The <think> tag ", "in the middle stays."], "The <think> tag in the middle stays."),
+    ([], ""),
+])
+def test_a_leading_think_block_is_not_streamed(pieces, shown):
+    assert "".join(without_thinking(iter(pieces))) == shown
+
+
+def test_replicas_take_one_out_and_bring_it_back_after_a_doubling_back_off():
+    now = [0.0]
+    replicas = Replicas(["http://a/v1", "http://b/v1"], ["http://a", "http://b"], clock=lambda: now[0])
+    a, b = replicas.all
+    assert [replicas.pick()[0] for _ in range(4)] == [a, b, a, b]
+    assert replicas.failed(a, refused=True)                        # nothing listens there: out at once
+    assert [replicas.pick()[0] for _ in range(3)] == [b, b, b]
+    assert not replicas.failed(b, refused=False) and not replicas.failed(b, refused=False)
+    assert replicas.failed(b, refused=False)                       # the third failure in a row
+    assert replicas.pick() == (None, 2.0)                          # a comes back first, after 2 s
+    now[0] = 2.0
+    assert replicas.pick()[0] is a
+    assert replicas.failed(a, refused=False)                       # back on trial: one failure takes it out again
+    assert a.comes_back == 2.0 + 4.0                               # for twice as long
+    now[0] = 6.0
+    replicas.succeeded(a)
+    assert a.streak == 0 and replicas.outages() == [
+        "http://a: out of rotation 2 time(s), 6 s in all", "http://b: out of rotation 1 time(s), 6 s in all, still out at the end"]
