@@ -47,6 +47,11 @@ def strings(value) -> Optional[str]:
     return None if ok else f"must be a non-empty list of names, got {value!r}"
 
 
+def names(value) -> Optional[str]:
+    ok = all(isinstance(v, str) and v and not v.isspace() for v in value)
+    return None if ok else f"must be a list of names (possibly empty), got {value!r}"
+
+
 def one_of(*choices) -> Callable[[Any], Optional[str]]:
     def check(value):
         return None if value in choices else f"must be one of {', '.join(map(str, choices))}, got {value!r}"
@@ -222,6 +227,15 @@ EVAL_SCHEMA: dict[str, Key] = {
     "bootstrap_resamples": Key(int, positive),
     "raft_config": Key(str),
     **CLIENT_KEYS,
+    "concurrency": Key(int, positive),
+    "queue_size": Key(int, non_negative),
+    "queue_wait": Key(float, positive),
+    "max_request_bytes": Key(int, positive),
+    "max_question_chars": Key(int, positive),
+    "max_messages": Key(int, positive),
+    "max_answer_tokens": Key(int, positive),
+    "allowed_hosts": Key(list, names),
+    "allowed_origins": Key(list, names),
     "output": Key(str),
     "model_prompt": Key(list, chat_messages("question")),
     "rag_prompt": Key(list, chat_messages("instruction")),

@@ -7,6 +7,7 @@ import pytest
 
 from documents import Chunk, load_documents, split_documents
 from errors import InputError
+from tests.conftest import ROOT
 from retrieval import (EmbeddingCache, QueryRewriter, SearchSettings, abbreviations, build_retrievers,
                        reciprocal_rank_fusion, search_terms, title_of, vector_index)
 
@@ -42,6 +43,13 @@ def topic_chunks(tmp_path_factory):
         (folder / name).write_text(text)
     chunks, _ = split_documents(load_documents(str(folder), "").documents, 1000)
     assert len(chunks) == len(TOPICS)
+    return chunks
+
+
+@pytest.fixture(scope="module")
+def data_chunks():
+    """The chunks of the repository's data/."""
+    chunks, _ = split_documents(load_documents(str(ROOT / "data"), "").documents, 1000)
     return chunks
 
 
@@ -148,6 +156,30 @@ def test_the_query_rewrite_learns_abbreviations_and_words_from_the_corpus():
     assert rewriter.rewrite("what is llama") == "what is llama"               # known or short words stay
 
 
+def test_the_rewriters_shortlist_finds_what_difflib_over_every_word_finds(data_chunks):
+    """The trigram shortlist is a speed-up, not another answer: on typos of the corpus's own words it corrects them
+    exactly as difflib over every word of about their length does."""
+    import difflib
+    import random
+    rewriter = QueryRewriter([c.text for c in data_chunks])
+    rng = random.Random(0)
+    words = sorted(w for w in rewriter.known if len(w) >= 6)
+    typos = {w[:i] + c + w[i + 1:] for w in rng.sample(words, 150)
+             for i, c in [(rng.randrange(len(w)), rng.choice("aeioustr"))]} - rewriter.known
+    for typo in sorted(typos):
+        candidates = [w for w in rewriter.words if abs(len(w) - len(typo)) <= 2]
+        exhaustive = difflib.get_close_matches(typo, candidates, n=1, cutoff=0.85)
+        assert rewriter.correct(typo) == (exhaustive[0] if exhaustive else None), typo
+
+
+def test_a_question_of_unknown_words_has_at_most_a_bounded_number_corrected(data_chunks):
+    rewriter = QueryRewriter([c.text for c in data_chunks])
+    letters = "bcdfghjklmnpqrstvwxz"
+    flood = " ".join("zq" + "".join(letters[n // 20 ** i % 20] for i in range(4)) for n in range(1000))
+    rewriter.rewrite(flood)
+    assert len(rewriter.corrections) == QueryRewriter.MAX_CORRECTIONS
+
+
 def test_each_lever_keeps_the_retrievers_right_on_the_topic_corpus(topic_chunks, tmp_path):
     settings = SearchSettings(dense_weight=0.3, bm25_k1=1.2, bm25_b=0.5, stemming=True, source_titles=True,
                               query_rewrite=True)
@@ -174,7 +206,6 @@ def test_the_dev_set_is_hard_checked_and_well_formed():
     questions share at most half as many words with their passages as eval_llama.json's do."""
     from documents import load_chunks
     from text import content_words
-    from tests.conftest import ROOT
     items = json.loads((ROOT / "eval" / "dev_questions.json").read_text())
     _, chunks, _ = load_chunks(str(ROOT / "data"), "", True, 1000)
     texts = [" ".join(c.text.lower().split()) for c in chunks]
