@@ -23,7 +23,7 @@ import metrics
 from cli import client_from_config, connect
 from config import fill_prompt
 from documents import load_chunks
-from errors import InputError
+from errors import GenerationError, InputError
 from hardware import compute_dtype, torch_dtype
 from llm_client import ChatClient, public_host
 from raft_utils import instruction
@@ -80,8 +80,11 @@ class LocalModel:
         self.lock = threading.Lock()
 
     def stream(self, messages, params) -> Iterator[str]:
+        """The reply's pieces. A generation that fails (inf or NaN logits from a tiny temperature, a prompt too long
+        to allocate) ends its stream with a GenerationError instead of leaving it waiting forever; the lock is
+        released either way, and closing the stream early (Ctrl-C, a client gone) stops the generation."""
         from transformers import StoppingCriteria, TextIteratorStreamer
-        stop = threading.Event()
+        stop, failure = threading.Event(), []
 
         class Stop(StoppingCriteria):       # lets Ctrl-C (or a closed page) end the generation thread too
             def __call__(self, *args, **kwargs):
@@ -91,16 +94,25 @@ class LocalModel:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         sampling = {"do_sample": True, "temperature": params["temperature"]} if params["temperature"] > 0 \
             else {"do_sample": False}
+
+        def generate():
+            try:
+                self.model.generate(**inputs, max_new_tokens=params["max_tokens"], streamer=streamer,
+                                    stopping_criteria=[Stop()], **sampling)
+            except Exception as e:            # noqa: BLE001 -- any failure must end the stream, not hang it
+                failure.append(e)
+                streamer.end()
         with self.lock:
-            thread = threading.Thread(target=self.model.generate, daemon=True, kwargs=dict(
-                **inputs, max_new_tokens=params["max_tokens"], streamer=streamer, stopping_criteria=[Stop()],
-                **sampling))
+            thread = threading.Thread(target=generate, daemon=True)
             thread.start()
             try:
                 yield from streamer
             finally:
                 stop.set()
                 thread.join()     # a generation thread still running at exit aborts the interpreter
+        if failure:
+            raise GenerationError(f"the model failed while answering ({type(failure[0]).__name__}: "
+                                  f"{str(failure[0]).splitlines()[0][:200] if str(failure[0]) else 'no message'})")
 
     def close(self):
         pass

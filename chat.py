@@ -15,6 +15,7 @@ sets "handoff": true. An empty line asks again; Ctrl-C stops the current answer;
 The web page (web_chat.py) and the endpoint (rag_server.py) are described in their own files.
 """
 import argparse
+import ipaddress
 import json
 import os
 import signal
@@ -52,7 +53,21 @@ def parse_args(argv):
     web.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     web.add_argument("--port", type=int, help="port (default 7860 for --web, 8090 for --serve)")
     web.add_argument("--share", action="store_true", help="--web: also open Gradio's public share link")
-    web.add_argument("--concurrency", type=int, default=4, help="answers written at once; more people wait in line")
+    web.add_argument("--concurrency", type=int, help="answers written at once; more people wait in line")
+    web.add_argument("--queue_size", type=int, help="requests that may wait in line; more get 429 (busy)")
+    web.add_argument("--queue_wait", type=float, help="seconds a request may wait in line before it gets 429")
+    web.add_argument("--max_request_bytes", type=int, help="--serve: largest request body (413 above it)")
+    web.add_argument("--max_question_chars", type=int, help="--serve: longest question (400 above it)")
+    web.add_argument("--max_messages", type=int, help="--serve: most messages in a request (400 above it)")
+    web.add_argument("--request_max_tokens", type=int, help="--serve: largest max_tokens a request may ask for")
+    web.add_argument("--allowed_hosts", nargs="+", help="--serve: host names requests may be addressed to, besides "
+                                                        "the bound address and localhost")
+    web.add_argument("--allowed_origins", nargs="+", help="--serve: web origins whose pages may call the endpoint")
+    web.add_argument("--web_login", help="--web: USER:PASSWORD people must log in with (or the RAG_WEB_LOGIN "
+                                         "environment variable)")
+    web.add_argument("--allow_unauthenticated_network_access", action="store_true",
+                     help="listen on an address other machines reach (or --share) with no key or login: anyone who "
+                          "reaches it reads your documents")
     web.add_argument("--handoff_log", default="output/chat/handoffs.jsonl",
                      help="--web: every hand-off appended here (time, question, sources) for a support team")
     web.add_argument("--feedback_log", default="output/chat/feedback.jsonl",
@@ -135,6 +150,39 @@ def interactive(assistant, model, args) -> int:
             print(HANDOFF)
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False          # a host name: reachable from wherever it resolves
+
+
+def who_may_call(args):
+    """--serve: the API key clients must send; --web: the (user, password) people log in with; None for neither.
+    Listening where other machines reach it (or --share) without one is an error, unless the user says so with a
+    flag whose name says what it means."""
+    if args.serve:
+        secret = args.server_api_key or os.environ.get("RAG_SERVER_API_KEY")
+        what = "an API key (--server_api_key or RAG_SERVER_API_KEY)"
+    elif args.web:
+        login = args.web_login or os.environ.get("RAG_WEB_LOGIN")
+        if login is not None and (":" not in login or not login.split(":", 1)[0] or not login.split(":", 1)[1]):
+            raise ConfigError("--web_login (or RAG_WEB_LOGIN) must be USER:PASSWORD")
+        secret = tuple(login.split(":", 1)) if login else None
+        what = "a login (--web_login USER:PASSWORD or RAG_WEB_LOGIN)"
+    else:
+        return None
+    exposed = not is_loopback(args.host) or (args.web and args.share)
+    if exposed and not secret and not args.allow_unauthenticated_network_access:
+        where = "a public share link" if args.web and args.share and is_loopback(args.host) else f"{args.host}"
+        raise ConfigError(f"{where} is reachable from other machines and anyone there could read your documents: "
+                          f"set {what}, or pass --allow_unauthenticated_network_access if that is what you want")
+    if exposed and not secret:
+        print(f"warning: serving {args.host} with no key or login: anyone who reaches it reads your documents",
+              file=sys.stderr, flush=True)
+    return secret
+
+
 def run(args) -> int:
     cfg = load_eval_config(args.config, args)
     if args.json and not args.question:
@@ -144,17 +192,16 @@ def run(args) -> int:
     topk = args.topk or cfg["rag_topk"][0]
     if topk < 1:
         raise ConfigError(f"-r must be 1 or more, got {topk}")
-    if args.concurrency < 1:
-        raise ConfigError(f"--concurrency must be 1 or more, got {args.concurrency}")
+    secret = who_may_call(args)
     assistant = Assistant(cfg, topk, args.rag)
     model = open_model(cfg, args)
     try:
         if args.web:
             import web_chat        # Gradio is imported only for the page
-            return web_chat.serve(assistant, model, args)
+            return web_chat.serve(assistant, model, args, cfg, secret)
         if args.serve:
             import rag_server
-            return rag_server.serve(assistant, model, args, args.server_api_key or os.environ.get("RAG_SERVER_API_KEY"))
+            return rag_server.serve(assistant, model, args, cfg, secret)
         return one_shot(assistant, model, args) if args.question else interactive(assistant, model, args)
     finally:
         model.close()

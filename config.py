@@ -233,7 +233,7 @@ EVAL_SCHEMA: dict[str, Key] = {
     "max_request_bytes": Key(int, positive),
     "max_question_chars": Key(int, positive),
     "max_messages": Key(int, positive),
-    "max_answer_tokens": Key(int, positive),
+    "request_max_tokens": Key(int, positive),
     "allowed_hosts": Key(list, names),
     "allowed_origins": Key(list, names),
     "output": Key(str),

@@ -24,6 +24,11 @@ class ServerUnreachable(LLMFatalError):
     """Nothing answers at a server's address (after the retries): it is not running, or -u is wrong."""
 
 
+class GenerationError(ToolkitError):
+    """The model in this process failed while writing an answer (inf or NaN logits, a prompt too long to allocate):
+    that answer ends, the chatbot goes on."""
+
+
 class OutputError(ToolkitError):
     """Results could not be written: a full disk, a folder without write permission, another run holding it."""
 

@@ -8,9 +8,11 @@ given are listed, with their file and rank, under "Sources of the last answer". 
 as a hand-off ("This needs a person") and appended to --handoff_log (JSONL: time, question, sources, model) for a
 support team. The thumbs under an answer append it to --feedback_log in the eval file's format plus the verdict
 ({"question", "answer", "verdict": "up" or "down", ...}): the thumbs-up lines, checked, are new eval questions.
-A failing model server shows an error in the conversation and the page keeps working. --concurrency answers are
-written at once (Gradio's queue); more people wait in line. The page listens on 127.0.0.1 unless --host says
-otherwise; Gradio's public share link only with --share.
+A failing model server shows an error in the conversation and the page keeps working. `concurrency` answers are
+written at once (Gradio's queue) and `queue_size` people wait in line (raft_eval_config.yaml); Gradio tells one
+more that the queue is full. The page listens on 127.0.0.1 unless --host says otherwise; Gradio's public share link
+only with --share; either of those needs a login (--web_login or RAG_WEB_LOGIN) unless
+--allow_unauthenticated_network_access says otherwise.
 """
 import os
 import time
@@ -100,11 +102,14 @@ class WebChat:
         return page
 
 
-def serve(assistant: Assistant, model, args) -> int:
+def serve(assistant: Assistant, model, args, cfg: dict, login) -> int:
+    """The page, `concurrency` answers written at once and `queue_size` people in line (Gradio tells one more that
+    the queue is full); `login` is (user, password) or None (chat.who_may_call decides when one is needed)."""
     port = args.port or 7860
     page = WebChat(assistant, model, args).page()
-    page.queue(default_concurrency_limit=args.concurrency)
-    print(f"web chat with {model.name} ({model.where}; {assistant.describe()}) at http://{args.host}:{port}; "
-          f"hand-offs to {args.handoff_log}, feedback to {args.feedback_log}; Ctrl-C stops it", flush=True)
-    page.launch(server_name=args.host, server_port=port, share=args.share, quiet=True, footer_links=[])
+    page.queue(default_concurrency_limit=cfg["concurrency"], max_size=cfg["queue_size"])
+    print(f"web chat with {model.name} ({model.where}; {assistant.describe()}) at http://{args.host}:{port}"
+          + (" (login required)" if login else "") + f"; hand-offs to {args.handoff_log}, feedback to "
+          f"{args.feedback_log}; Ctrl-C stops it", flush=True)
+    page.launch(server_name=args.host, server_port=port, share=args.share, quiet=True, footer_links=[], auth=login)
     return 0

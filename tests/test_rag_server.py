@@ -81,7 +81,8 @@ def test_a_malformed_request_gets_400_in_openais_shape(endpoint, body, param):
         client(url).chat.completions.create(**body)
     assert bad.value.status_code == 400 and bad.value.body["param"] == param and bad.value.body["type"] == \
         "invalid_request_error"
-    raw = httpx.post(url + "/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+    raw = httpx.post(url + "/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}",
+                                                                           "Content-Type": "application/json"})
     assert raw.status_code == 400 and raw.json()["error"]["message"] == "the body is not valid JSON"
 
 
