@@ -183,11 +183,16 @@ class Assistant:
             yield piece
 
     def finish(self, turn: Turn) -> dict:
-        """What a caller needs to know about a finished reply."""
+        """What a caller needs to know about a finished reply: its answer part, whether it hands off, its sources,
+        and how much of it is quoted from them (quote_support: the share of its ##begin_quote## spans found word
+        for word in the sources, None without a quote). An answer with sources of which nothing is quoted is
+        flagged `unquoted`: a person should check it against them."""
         answer = metrics.answer_text(turn.reply)
+        handoff = metrics.is_refusal(answer, self.refusal_answer)
+        support = metrics.quote_support(turn.reply, [s["text"] for s in turn.sources]) if turn.sources else None
         return {"question": turn.question, "answer": answer, "reply": turn.reply,
-                "answer_marked": final_answer(turn.reply) is not None,
-                "handoff": metrics.is_refusal(answer, self.refusal_answer), "sources": turn.sources}
+                "answer_marked": final_answer(turn.reply) is not None, "handoff": handoff, "sources": turn.sources,
+                "quote_support": support, "unquoted": bool(turn.sources) and not handoff and not support}
 
 
 def append_jsonl(path: str, record: dict):

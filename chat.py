@@ -11,7 +11,8 @@ top -r chunks of the documents become the <DOCUMENT>s of the prompt. The reply s
 part after <ANSWER>: is shown (--show-reasoning shows the chain of thought, --sources the retrieved chunks).
 When the model declines (raft.yaml's refusal answer, or "I don't know"), chat.py says so and prints a line
 starting with "[handoff]", so a person can take over; in one-shot mode the exit code is then 3, and --json
-sets "handoff": true. An empty line asks again; Ctrl-C stops the current answer; Ctrl-D or "exit" quits.
+sets "handoff": true. An answer that quotes nothing of its sources gets a line starting with "[unquoted]" (--json:
+"unquoted": true, and "quote_support", the share of its quotes found in them). An empty line asks again; Ctrl-C stops the current answer; Ctrl-D or "exit" quits.
 The web page (web_chat.py) and the endpoint (rag_server.py) are described in their own files.
 """
 import argparse
@@ -28,6 +29,7 @@ from errors import ConfigError, LLMFatalError
 
 DEFAULT_URL = "http://localhost:8000/v1"
 HANDOFF = "[handoff] The documents do not answer this question: please pass it to a person."
+UNQUOTED = "[unquoted] No part of this answer is quoted from its sources: check it against them (--sources)."
 EXIT_HANDOFF = 3
 
 
@@ -112,10 +114,7 @@ def one_shot(assistant, model, args) -> int:
     if args.json:
         print(json.dumps({"model": model.name, **result}, ensure_ascii=False))
     else:
-        if args.sources:
-            print_sources(result["sources"], sys.stdout)
-        if result["handoff"]:
-            print(HANDOFF)
+        print_flags(result, args)
     return EXIT_HANDOFF if result["handoff"] else 0
 
 
@@ -144,10 +143,17 @@ def interactive(assistant, model, args) -> int:
         except LLMFatalError as e:
             print(f"\nerror: {e}")
             continue
-        if args.sources:
-            print_sources(result["sources"], sys.stdout)
-        if result["handoff"]:
-            print(HANDOFF)
+        print_flags(result, args)
+
+
+def print_flags(result: dict, args):
+    """After an answer: its sources (--sources), and a line when it hands off or quotes nothing of its sources."""
+    if args.sources:
+        print_sources(result["sources"], sys.stdout)
+    if result["handoff"]:
+        print(HANDOFF)
+    elif result["unquoted"]:
+        print(UNQUOTED)
 
 
 def is_loopback(host: str) -> bool:

@@ -223,6 +223,8 @@ EVAL_SCHEMA: dict[str, Key] = {
     "answer_max_tokens": Key(int, positive),
     "judge_max_tokens": Key(int, positive),
     "judge_calibration": Key(bool),
+    "groundedness": Key(bool),
+    "groundedness_max_tokens": Key(int, positive),
     "judge_min_rate": Key(float, probability),
     "bootstrap_resamples": Key(int, positive),
     "raft_config": Key(str),
@@ -240,6 +242,7 @@ EVAL_SCHEMA: dict[str, Key] = {
     "model_prompt": Key(list, chat_messages("question")),
     "rag_prompt": Key(list, chat_messages("instruction")),
     "judge_prompt": Key(list, chat_messages("question", "gold_answer", "answer")),
+    "groundedness_prompt": Key(list, chat_messages("documents", "answer")),
 }
 
 

@@ -41,7 +41,7 @@ from folder_lock import FolderLock
 from llm_client import ChatClient, public_host
 from raft_utils import instruction
 from text import final_answer
-from retrieval import KINDS, build_retrievers, settings_from_config
+from retrieval import KINDS, build_retrievers, load_embedder, settings_from_config
 
 DEFAULT_URL = "http://localhost:8000/v1"
 DEFAULT_JUDGE_URL = "http://localhost:8001/v1"
@@ -176,16 +176,19 @@ def cache_file(output: Path, name: str) -> Path:
     return output / "cache" / (re.sub(r"[^A-Za-z0-9._-]+", "_", name) + ".sqlite")
 
 
-def answer_requests(cfg, questions, chunks, rankings, topks) -> dict[str, list]:
-    """Per condition ('no_rag', 'rag_top5', ...), one (messages, params) request per question."""
+def given_chunks(chunks, rankings, topks) -> dict[str, list[list[str]]]:
+    """Per condition ('no_rag', 'rag_top5', ...), the chunk texts each question's answer is given."""
+    return {"no_rag": [[] for _ in rankings],
+            **{f"rag_top{k}": [[chunks[i].text for i in ranking[:k]] for ranking in rankings] for k in topks}}
+
+
+def answer_requests(cfg, questions, given: dict[str, list[list[str]]]) -> dict[str, list]:
+    """Per condition, one (messages, params) request per question."""
     params = {"temperature": cfg["temperature"], "max_tokens": cfg["answer_max_tokens"]}
-    requests = {"no_rag": [(fill_prompt(cfg["model_prompt"], question=q["question"]), params) for q in questions]}
-    for k in topks:
-        requests[f"rag_top{k}"] = [
-            (fill_prompt(cfg["rag_prompt"], instruction=instruction([chunks[i].text for i in ranking[:k]],
-                                                                    q["question"])), params)
-            for q, ranking in zip(questions, rankings)]
-    return requests
+    return {condition: [(fill_prompt(cfg["rag_prompt"], instruction=instruction(docs, q["question"])) if docs else
+                         fill_prompt(cfg["model_prompt"], question=q["question"]), params)
+                        for q, docs in zip(questions, documents)]
+            for condition, documents in given.items()}
 
 
 def answer_all(client: ChatClient, name: str, requests: dict[str, list]) -> dict[str, list]:
@@ -195,15 +198,42 @@ def answer_all(client: ChatClient, name: str, requests: dict[str, list]) -> dict
     return {condition: [next(results) for _ in batch] for condition, batch in requests.items()}
 
 
-def score(question: dict, result, refusal_answer: str) -> dict:
-    """One answer's entry in questions.jsonl, before the judge's verdict is added."""
+def score(question: dict, result, refusal_answer: str, given: list[str]) -> dict:
+    """One answer's entry in questions.jsonl, before the judge's verdict, groundedness and similarity are added."""
     reply = result.text or ""
     answer = metrics.answer_text(reply)
     return {"reply": reply, "answer": answer, "failed": result.text is None, "error": result.error,
             "truncated": result.truncated,
             **metrics.rouge(answer, question["answer"]),
             "exact_match": metrics.exact_match(answer, question["answer"]),
+            "token_f1": metrics.token_f1(answer, question["answer"]),
+            "quote_support": metrics.quote_support(reply, given),
             "refusal": metrics.is_refusal(answer, refusal_answer)}
+
+
+def add_similarity(entries: list[tuple[int, dict]], questions, embedder):
+    """Each answer's cosine similarity to its gold answer in the retriever's embedding model (None if it failed)."""
+    answered = [(q, e) for q, e in entries if not e["failed"]]
+    texts = sorted({e["answer"] for _, e in answered} | {questions[q]["answer"] for q, _ in answered})
+    vectors = dict(zip(texts, embedder.embed(texts))) if texts else {}
+    for q, entry in entries:
+        entry["similarity"] = None if entry["failed"] else \
+            float(vectors[entry["answer"]] @ vectors[questions[q]["answer"]])
+
+
+def judge_groundedness(judge: ChatClient, cfg, items: list[tuple[dict, list[str]]]):
+    """Adds 'claims' and 'groundedness' to every (entry, chunks it was given): the judge splits the answer into
+    claims and marks each supported by those chunks or not. A failed answer, a refusal and an answer with no claim
+    get None (counted apart). One pass through the client: cached, resumable."""
+    params = {"temperature": cfg["temperature"], "max_tokens": cfg["groundedness_max_tokens"]}
+    asked = [(entry, docs) for entry, docs in items if not entry.get("failed") and not entry.get("refusal")]
+    requests = [(fill_prompt(cfg["groundedness_prompt"], documents=instruction(docs, "").rstrip(),
+                             answer=entry["answer"] or "(no answer)"), params) for entry, docs in asked]
+    for (entry, _), result in zip(asked, judge.complete_all(requests, "groundedness")):
+        entry["claims"] = metrics.parse_claims(result.text) if result.text is not None else None
+    for entry, _ in items:
+        entry.setdefault("claims", None)
+        entry["groundedness"] = metrics.groundedness(entry["claims"] or [])
 
 
 def judge_all(judge: ChatClient, cfg, questions, entries: list[tuple[int, dict]]):
@@ -298,8 +328,11 @@ def evaluate(cfg, args, output: Path) -> int:
     endpoints = open_endpoints(cfg, args, baselines, output)
     try:
         rankings, support = retrieve(cfg, questions, chunks, topks)
-        requests = answer_requests(cfg, questions, chunks, rankings, topks)
-        log, controls = answer_and_judge(cfg, args, endpoints, questions, chunks, rankings, requests)
+        given = given_chunks(chunks, rankings, topks)
+        log = answer_questions(cfg, endpoints[:-1], questions, chunks, rankings, given)
+        add_similarity(answer_entries(log), questions,
+                       load_embedder(cfg["embedding_model"], cfg["embedding_batch_size"], cfg["embedding_dtype"]))
+        controls, additions = judge_answers(cfg, args, endpoints[-1], questions, log, given)
     except LLMFatalError as e:
         raise LLMFatalError(f"{e} (replies so far are kept in {output / 'cache'}; run again to resume)") from None
     finally:
@@ -314,9 +347,9 @@ def evaluate(cfg, args, output: Path) -> int:
                 "models": {f"{s.role}: {s.name}": {"fingerprint": s.client.fingerprint, **s.described}
                            for s in endpoints},
                 "seed": args.seed, "bootstrap_resamples": cfg["bootstrap_resamples"], "config": cfg}
-    results = {"settings": settings, **summarise(cfg, args, systems, log, controls, list(requests)),
+    results = {"settings": settings, **summarise(cfg, args, systems, log, controls, additions, list(given)),
                "training_overlap": overlap, "retrieval": support}
-    paths = write_outputs(output, results, log, controls)
+    paths = write_outputs(output, results, log, controls + additions)
     print_summary(results, endpoints, paths, time.time() - started)
     return 0
 
@@ -335,32 +368,50 @@ def retrieve(cfg, questions, chunks, topks) -> tuple[list, dict]:
     return [ranking[:max(topks)] for ranking in by_kind[cfg["retriever"]]], support
 
 
-def answer_and_judge(cfg, args, endpoints, questions, chunks, rankings, requests) -> tuple[list[dict], list[dict]]:
-    """Every system's answers in every condition, then the judge's verdicts on them and on the calibration
-    controls: (the per-question log, the controls)."""
-    *systems, judge = endpoints
+def answer_questions(cfg, systems, questions, chunks, rankings, given) -> list[dict]:
+    """Every system's answers in every condition, scored without the judge: the per-question log."""
     log = [{"question": q["question"], "answer": q["answer"],
             "retrieved": [{"rank": r, "chunk": i, "source": chunks[i].source} for r, i in enumerate(ranking, 1)],
             "systems": {}} for q, ranking in zip(questions, rankings)]
+    requests = answer_requests(cfg, questions, given)
     for system in systems:
         print(f"{system.role} {system.name} at {public_host(system.url)}: {len(questions)} questions x "
               f"{len(requests)} conditions", flush=True)
         replies = answer_all(system.client, system.name, requests)
         say_where_answers_came_from(system)
         for condition, results in replies.items():
-            for row, question, result in zip(log, questions, results):
-                row["systems"].setdefault(system.name, {})[condition] = score(question, result, cfg["refusal_answer"])
-    controls = metrics.calibration_controls([q["answer"] for q in questions], cfg["refusal_answer"], args.seed) \
-        if cfg["judge_calibration"] else []
+            for q, (row, result) in enumerate(zip(log, results)):
+                row["systems"].setdefault(system.name, {})[condition] = \
+                    score(questions[q], result, cfg["refusal_answer"], given[condition][q])
+    return log
+
+
+def answer_entries(log: list[dict], condition: Optional[str] = None) -> list[tuple[int, dict]]:
+    """(question index, entry) of every system's answer, in every condition or one."""
+    return [(q, entry) for q, row in enumerate(log) for answers in row["systems"].values()
+            for name, entry in answers.items() if condition in (None, name)]
+
+
+def judge_answers(cfg, args, judge: "Endpoint", questions, log, given) -> tuple[list[dict], list[dict]]:
+    """The judge's verdict on every answer and on the calibration controls, and the groundedness of every answer
+    given documents and of the fabricated-addition controls: (controls, addition controls)."""
+    golds = [q["answer"] for q in questions]
+    controls = metrics.calibration_controls(golds, cfg["refusal_answer"], args.seed) if cfg["judge_calibration"] \
+        else []
+    additions = metrics.addition_controls(golds, cfg["refusal_answer"], args.seed) \
+        if cfg["judge_calibration"] and cfg["groundedness"] else []
     print(f"judge {judge.name} at {public_host(judge.url)}"
-          + (f", with {len(controls)} calibration controls" if controls else ""), flush=True)
-    judge_all(judge.client, cfg, questions, [(q, entry) for q, row in enumerate(log)
-                                             for answers in row["systems"].values() for entry in answers.values()]
-              + [(c["question"], c) for c in controls])
-    return log, controls
+          + (f", with {len(controls) + len(additions)} calibration controls" if controls else ""), flush=True)
+    judge_all(judge.client, cfg, questions, answer_entries(log) + [(c["question"], c) for c in controls])
+    if cfg["groundedness"]:
+        deepest = list(given)[-1]            # the largest top-k: the documents an addition control is checked against
+        judge_groundedness(judge.client, cfg, [(entry, given[condition][q]) for condition in list(given)[1:]
+                                               for q, entry in answer_entries(log, condition)]
+                           + [(c, given[deepest][c["question"]]) for c in additions])
+    return controls, additions
 
 
-def summarise(cfg, args, systems, log, controls, conditions) -> dict:
+def summarise(cfg, args, systems, log, controls, additions, conditions) -> dict:
     """Per system and condition the metrics with their bootstrap intervals, the model under test against each
     baseline (paired), and the judge's calibration."""
     resamples = metrics.resample_indices(len(log), cfg["bootstrap_resamples"], args.seed)
@@ -373,7 +424,9 @@ def summarise(cfg, args, systems, log, controls, conditions) -> dict:
     comparisons = [{"system": tested.name, "baseline": base.name, "condition": condition,
                     **metrics.paired_comparison(rows[tested.name][condition], rows[base.name][condition], resamples)}
                    for base in baselines for condition in conditions]
-    calibration = metrics.calibration_summary(controls, cfg["judge_min_rate"]) if controls else None
+    for comparison, adjusted in zip(comparisons, metrics.holm([c["mcnemar_p"] for c in comparisons])):
+        comparison.update(mcnemar_p_holm=adjusted, significant=adjusted < 0.05, comparisons=len(comparisons))
+    calibration = metrics.calibration_summary(controls, cfg["judge_min_rate"], additions) if controls else None
     return {"judge_calibration": calibration, "systems": summary, "comparisons": comparisons}
 
 
@@ -406,12 +459,13 @@ def print_summary(results, endpoints, paths, seconds):
     print()
     for line in report.calibration_lines(results["judge_calibration"], results["settings"]["judge_model"]):
         print(line.replace("**", ""))
-    print(f"\n{'system':28} {'condition':11} " + " ".join(f"{title:>19}" for _, title in report.TABLE_METRICS))
-    for name, conditions in results["systems"].items():
-        for condition, m in conditions.items():
-            print(f"{name[:28]:28} {report.condition_label(condition):11} "
-                  + " ".join(f"{report.with_interval(m[key], m['intervals'].get(key)):>19}"
-                             for key, _ in report.TABLE_METRICS))
+    for columns in report.TABLES:
+        print(f"\n{'system':28} {'condition':11} " + " ".join(f"{title:>19}" for _, title in columns))
+        for name, conditions in results["systems"].items():
+            for condition, m in conditions.items():
+                print(f"{name[:28]:28} {report.condition_label(condition):11} "
+                      + " ".join(f"{report.with_interval(m.get(key), m['intervals'].get(key)):>19}"
+                                 for key, _ in columns))
     for comparison in results["comparisons"]:
         print(report.comparison_sentence(comparison))
     if results["training_overlap"]:

@@ -9,8 +9,10 @@ GET /v1/models lists the one model. POST /v1/chat/completions retrieves for the 
 prompt and asks the model, as chat.py does; `temperature` and `max_tokens` of the request are honoured (max_tokens
 up to request_max_tokens). The reply's content is the answer part (after <ANSWER>:), and the response carries three
 more fields: "sources" (rank, source file, chunk text), "handoff" (true when the model declined: a person should
-take over) and "reasoning" (the whole reply, chain of thought included). With "stream": true the answer comes as
-server-sent events while it is written, the three fields in the last event. Earlier turns of the conversation are
+take over), "reasoning" (the whole reply, chain of thought included), "quote_support" (the share of the reply's
+##begin_quote## spans found word for word in the sources; null without a quote) and "unquoted" (true when nothing
+of an answer is quoted from its sources: check it against them). With "stream": true the answer comes as
+server-sent events while it is written, these fields in the last event. Earlier turns of the conversation are
 not sent to the model: a RAFT model answers one question from its documents, as it was trained to.
 
 What it refuses, each in OpenAI's error shape, and why (the limits are keys of raft_eval_config.yaml, with flags):
@@ -42,7 +44,6 @@ from aiohttp import web
 from assistant import Assistant
 from errors import LLMFatalError
 
-EXTRA_FIELDS = ("sources", "handoff", "reasoning")
 RETRY_AFTER_SECONDS = 2
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
@@ -269,7 +270,8 @@ class RagServer:
 
     @staticmethod
     def extras(result: dict) -> dict:
-        return {"sources": result["sources"], "handoff": result["handoff"], "reasoning": result["reply"]}
+        return {"sources": result["sources"], "handoff": result["handoff"], "reasoning": result["reply"],
+                "quote_support": result["quote_support"], "unquoted": result["unquoted"]}
 
     def failure(self, error: BaseException, meta: dict) -> tuple[int, str, str]:
         """(status, message, type) of a failed answer for the client; the details go to this server's log."""

@@ -12,12 +12,19 @@ import matplotlib.pyplot as plt       # noqa: E402
 # (metrics.json key, plot title, file name); the report embeds them in this order.
 PLOTS = (("judge_score", "LLM judge score (share of YES)", "judge_score.png"),
          ("refusal_rate", "Refusal rate", "refusals.png"),
-         ("precision", "Precision = judge score / (1 - refusal rate)", "precision.png"))
+         ("precision", "Precision = judge score / (1 - refusal rate)", "precision.png"),
+         ("token_f1", "Token F1 against the gold answer", "token_f1.png"),
+         ("groundedness", "Groundedness (claims the given chunks support)", "groundedness.png"),
+         ("quote_support", "Quote support (quotes found in the given chunks)", "quote_support.png"))
 MAX_DISAGREEMENTS = 20     # per condition, in the report; questions.jsonl has them all
 SNIPPET = 160              # characters of an answer shown in the report
-# The metrics shown with their 95% intervals, in the printed summary and the report's first table.
-TABLE_METRICS = (("judge_score", "judge"), ("precision", "precision"), ("refusal_rate", "refusals"),
-                 ("exact_match", "exact match"), ("rougeL", "ROUGE-L"))
+# The metrics shown with their 95% intervals, in the printed summary and the report: first those that compare an
+# answer with its gold answer (no LLM), then those of the judge and of the sources.
+AGAINST_GOLD = (("exact_match", "exact match"), ("token_f1", "token F1"), ("rougeL", "ROUGE-L"),
+                ("similarity", "similarity"))
+JUDGED = (("judge_score", "judge"), ("precision", "precision"), ("refusal_rate", "refusals"),
+          ("groundedness", "groundedness"), ("quote_support", "quote support"))
+TABLES = (AGAINST_GOLD, JUDGED)
 
 
 def condition_label(condition: str) -> str:
@@ -52,9 +59,28 @@ def calibration_lines(calibration, judge_model: str) -> list[str]:
               f"{_rate(c['true_positive_rate'], c['true_positive_interval'], c['accepted_right'], c['right_controls'])}",
               f"- true-negative rate (NO to another question's gold answer or to the refusal): "
               f"{_rate(c['true_negative_rate'], c['true_negative_interval'], c['rejected_wrong'], c['wrong_controls'])}",
-              f"- unparseable verdicts: {_rate(c['unparseable_rate'], c['unparseable_interval'], c['unparseable'], c['right_controls'] + c['wrong_controls'])}"]
-    if not c["warnings"]:
-        lines.append(f"- both rates are at least {c['threshold']:.2f}: the judge's scores can be read as accuracy")
+              f"- unparseable verdicts: {_rate(c['unparseable_rate'], c['unparseable_interval'], c['unparseable'], c['right_controls'] + c['wrong_controls'])}",
+              *_leniency_lines(c)]
+    if c.get("hard_controls_pass"):
+        lines.append(f"- every rate is at least {c['threshold']:.2f} and every leniency at most "
+                     f"{1 - c['threshold']:.2f}, near misses included: the judge's scores can be read as accuracy")
+    else:
+        lines.append("- the hard controls (near misses, fabricated additions) did not pass or were not run: read the "
+                     "judge's scores as its agreement with the gold answers, not as accuracy")
+    return lines
+
+
+def _leniency_lines(c: dict) -> list[str]:
+    lines = []
+    for key, what in (("near_miss_leniency", "YES to a near miss, the gold answer with one number, month or name "
+                                             "changed"),
+                      ("addition_leniency", "a fabricated sentence added to the gold answer not marked unsupported "
+                                            "by the groundedness judge")):
+        measured = c.get(key) or {}
+        if measured.get("total"):
+            low, high = measured["interval"]
+            lines.append(f"- leniency ({what}): {measured['count']} of {measured['total']}, {measured['rate']:.2f} "
+                         f"[{low:.2f}, {high:.2f}]")
     return lines
 
 
@@ -62,10 +88,13 @@ def comparison_sentence(c: dict) -> str:
     """raft-8b vs 70B at RAG top-7: +1.4 points [-6.9, +9.7], not significant at 5% ..."""
     low, high = c["interval"] if c["interval"] else (0.0, 0.0)
     verdict = "significant at 5%" if c["significant"] else "not significant at 5%"
+    adjusted = (f", {c['mcnemar_p_holm']:.3g} after Holm's adjustment for {c['comparisons']} comparisons"
+                if c.get("comparisons", 1) > 1 else "")
     sentence = (f"{c['system']} vs {c['baseline']} at {condition_label(c['condition'])}: "
                 f"{100 * c['difference']:+.1f} points [{100 * low:+.1f}, {100 * high:+.1f}], {verdict} "
-                f"(exact McNemar p = {c['mcnemar_p']:.3g}; right only for {c['system']}: {c['only_first_right']}, "
-                f"only for {c['baseline']}: {c['only_second_right']}, of {c['questions']} questions)")
+                f"(exact McNemar p = {c['mcnemar_p']:.3g}{adjusted}; right only for {c['system']}: "
+                f"{c['only_first_right']}, only for {c['baseline']}: {c['only_second_right']}, of {c['questions']} "
+                "questions)")
     if c["questions_needed"]:
         sentence += (f"; a difference of {100 * abs(c['difference']):.1f} points needs about "
                      f"{c['questions_needed']:,} questions to be found at 5% with 80% power")
@@ -115,16 +144,15 @@ def write_plots(systems: dict, folder: Path) -> list[Path]:
     return paths
 
 
-def _metrics_table(systems: dict) -> list[str]:
-    lines = ["| system | condition | " + " | ".join(title for _, title in TABLE_METRICS)
-             + " | ROUGE-1 | ROUGE-2 | unparseable verdicts | cut at max_tokens | failed requests |",
-             "|---|---|" + "---|" * (len(TABLE_METRICS) + 5)]
+def _metrics_table(systems: dict, columns, counts: tuple) -> list[str]:
+    """One row per system and condition: `columns` with their intervals, then the `counts` (key, title)."""
+    lines = ["| system | condition | " + " | ".join(title for _, title in columns + counts) + " |",
+             "|---|---|" + "---|" * (len(columns) + len(counts))]
     for name, conditions in systems.items():
         for condition, m in conditions.items():
             lines.append(f"| {name} | {condition_label(condition)} | "
-                         + " | ".join(with_interval(m[key], m.get("intervals", {}).get(key)) for key, _ in TABLE_METRICS)
-                         + f" | {_fmt(m['rouge1'])} | {_fmt(m['rouge2'])} | {m['judge_unparseable']} "
-                         f"| {m.get('truncated', 0)} | {m['failed_requests']} |")
+                         + " | ".join(with_interval(m.get(key), m.get("intervals", {}).get(key)) for key, _ in columns)
+                         + "".join(f" | {_fmt(m.get(key))}" for key, _ in counts) + " |")
     return lines
 
 
@@ -180,18 +208,33 @@ def write_report(folder: Path, metrics: dict, log: list[dict]) -> Path:
     if metrics.get("training_overlap"):
         lines += [overlap_line(metrics["training_overlap"]), ""]
     lines += ["## Systems", "",
-              "judge = share of answers the judge called correct; refusals = share of answers that declined; "
-              "precision = share of correct answers among those that did not decline and were judged (the "
-              "tutorial's judge / (1 - refusals)). Exact match and ROUGE compare the text after `<ANSWER>:` (or the "
-              "whole reply) with the gold answer. Brackets: 95% bootstrap interval over the questions "
+              "Brackets: 95% bootstrap interval over the questions "
               f"({settings.get('bootstrap_resamples', 'n/a')} resamples): with few questions they are wide, and "
               "two systems whose intervals overlap may not differ at all.", "",
-              *_metrics_table(systems), ""]
+              "**Against the gold answer, no LLM.** Each compares the text after `<ANSWER>:` (or the whole reply) "
+              "with the gold answer: exact match after SQuAD's normalisation; token F1, SQuAD's overlap of the "
+              "normalised words; ROUGE-L, the longest common word sequence; similarity, the cosine of the two in the "
+              "retriever's embedding model (`embedding_model`).", "",
+              *_metrics_table(systems, AGAINST_GOLD, (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
+                                                      ("truncated", "cut at max_tokens"),
+                                                      ("failed_requests", "failed requests"))), "",
+              "**The judge and the sources.** judge = share of answers the judge called correct; precision = share "
+              "of correct answers among those that did not decline and were judged (the tutorial's judge / (1 - "
+              "refusals)); refusals = share of answers that declined; groundedness = share of an answer's claims "
+              "that the chunks it was given support, by the judge (answers with retrieval; refusals and answers "
+              "without claims left out, their count beside it); quote support = share of an answer's "
+              "`##begin_quote##` spans found word for word in the chunks it was given (no LLM; answers without a "
+              "quote left out, their count beside it).", "",
+              *_metrics_table(systems, JUDGED, (("answers_with_claims", "answers with claims"),
+                                                ("answers_with_quotes", "answers with quotes"),
+                                                ("judge_unparseable", "unparseable verdicts"))), ""]
     if metrics.get("comparisons"):
         lines += ["## Is the difference real?", "",
                   "Each comparison is paired: the same questions, answered by both systems. The interval is the "
                   "paired bootstrap interval of the judge-score difference; the p-value is the exact McNemar test "
-                  "on the questions exactly one of the two got right.", "",
+                  "on the questions exactly one of the two got right. With several comparisons the p-values are "
+                  "Holm-adjusted (the chance of any false finding stays at 5%), and significance goes by the "
+                  "adjusted value.", "",
                   *[f"- {comparison_sentence(c)}" for c in metrics["comparisons"]], ""]
     lines += [f"![{title}]({name})" for _, title, name in PLOTS] + [""]
     if len(systems) > 1:

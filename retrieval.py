@@ -233,6 +233,12 @@ class Embedder:
         return np.ascontiguousarray(vectors)
 
 
+@lru_cache(maxsize=4)
+def load_embedder(name: str, batch_size: int = 16, dtype: str = "auto") -> Embedder:
+    """An Embedder loaded once per process: the retriever and the evaluation's answer similarity share it."""
+    return Embedder(name, batch_size, dtype)
+
+
 class EmbeddingCache:
     """<folder>/<key>.npy + <key>.json; the header must match the key and the array's shape to be used."""
 
@@ -358,7 +364,7 @@ def build_retrievers(chunks: Sequence[Chunk], kinds: Sequence[str], embedding_mo
         raise InputError(f"unknown retriever kind(s) {', '.join(unknown)}: use {', '.join(KINDS)}")
     dense = bm25 = None
     if {"dense", "hybrid"} & set(kinds):
-        dense = DenseIndex(chunks, Embedder(embedding_model, batch_size, dtype), EmbeddingCache(cache_dir), settings)
+        dense = DenseIndex(chunks, load_embedder(embedding_model, batch_size, dtype), EmbeddingCache(cache_dir), settings)
     if {"bm25", "hybrid"} & set(kinds):
         bm25 = BM25Index(chunks, settings)
     built = {"dense": dense, "bm25": bm25,

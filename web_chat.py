@@ -26,6 +26,7 @@ from errors import LLMFatalError  # noqa: E402
 HANDOFF_TEXT = ("**This needs a person.** The documents do not answer this question, so it has been passed to "
                 "the support team.")
 WAITING = "…"
+UNQUOTED_NOTE = "_Nothing of this answer is quoted from its sources: check it against them below._"
 
 
 def sources_markdown(sources: list[dict]) -> str:
@@ -64,7 +65,8 @@ class WebChat:
             append_jsonl(self.args.handoff_log, {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "question": question,
                                                  "model": self.model.name, "sources": result["sources"]})
         else:
-            history[index] = {"role": "assistant", "content": turn.visible(show_reasoning, finished=True)}
+            note = f"\n\n{UNQUOTED_NOTE}" if result["unquoted"] else ""
+            history[index] = {"role": "assistant", "content": turn.visible(show_reasoning, finished=True) + note}
         turns = {**turns, index: result}
         yield "", history, sources, turns
 

@@ -55,6 +55,18 @@ def test_the_chat_searches_the_documents_of_the_generation_run(server, capsys, c
     assert all(s["source"].startswith(str(corpus)) and len(s["text"]) <= 300 for s in result["sources"])
 
 
+def test_an_answer_is_marked_by_how_much_of_it_is_quoted_from_its_sources(server, capsys):
+    code, out, _ = ask(server, capsys, "--json")
+    result = json.loads(out)
+    assert result["quote_support"] == 1.0 and result["unquoted"] is False      # "128K" is in the chunk it was given
+    server.script = lambda body, n: Reply(content="As I recall. ##begin_quote## 2048 tokens ##end_quote##\n<ANSWER>: 2K")
+    code, out, _ = ask(server, capsys)
+    assert code == 0 and out.splitlines()[-1].startswith("[unquoted] No part of this answer is quoted")
+    server.script = lambda body, n: Reply(content="<ANSWER>: 2K")                 # no quote at all
+    result = json.loads(ask(server, capsys, "--json")[1])
+    assert result["quote_support"] is None and result["unquoted"] is True
+
+
 def test_json_mode(server, capsys):
     code, out, _ = ask(server, capsys, "--json")
     result = json.loads(out)

@@ -121,7 +121,8 @@ def test_the_page_streams_answers_shows_sources_hands_off_records_feedback_and_s
     # 3. A thumbs up on that answer: one line of the feedback log, in the eval file's format plus the verdict.
     page.click("#conversation button[aria-label='Like']")
     deadline = time.time() + 20
-    while time.time() < deadline and not (folder / "feedback.jsonl").exists():
+    log = folder / "feedback.jsonl"
+    while time.time() < deadline and not (log.exists() and log.read_text().endswith("\n")):   # the line written
         time.sleep(0.2)
     [feedback] = [json.loads(line) for line in open(folder / "feedback.jsonl")]
     assert feedback["question"] == "Which port does vLLM listen on?" and feedback["answer"] == ANSWER

@@ -1,10 +1,12 @@
 """Each metric against values computed by hand."""
+import json
 import random
 
 import pytest
 
 import metrics
 from retrieval import reciprocal_rank_fusion
+from tests.conftest import FIXTURES
 
 REFUSAL = "Sorry, I don't know the answer to this question because related documents are not found. Please try again."
 
@@ -157,6 +159,7 @@ def test_calibration_of_a_judge_that_says_yes_to_everything():
     kinds = [c["kind"] for c in controls]
     assert kinds.count("gold") == 4 and kinds.count("refusal") == 4
     assert kinds.count("other") == 4         # "Yes" and "yes" are the same answer: their wrong one is drawn elsewhere
+    assert [c["answer"] for c in controls if c["kind"] == "near_miss"] == ["9 GPUs", "125K tokens"]    # a digit
     for c in controls:
         if c["kind"] == "other":
             assert metrics.squad_normalise(c["answer"]) != metrics.squad_normalise(["8 GPUs", "128K tokens", "Yes", "yes"][c["question"]])
@@ -164,7 +167,111 @@ def test_calibration_of_a_judge_that_says_yes_to_everything():
         c["verdict"] = True
     summary = metrics.calibration_summary(controls, 0.9)
     assert summary["true_positive_rate"] == 1.0 and summary["true_negative_rate"] == 0.0
-    assert summary["warnings"] == ["the judge accepted 8 of 8 wrong answers: its scores are not reliable"]
+    assert summary["warnings"] == ["the judge accepted 8 of 8 wrong answers: its scores are not reliable",
+                                   "the judge accepted 2 of 2 near misses (a gold answer with one number, month or "
+                                   "name changed): it is lenient on details"]
+    assert summary["near_miss_leniency"]["rate"] == 1.0 and not summary["hard_controls_pass"]
     for c in controls:
         c["verdict"] = c["expected"]
     assert metrics.calibration_summary(controls, 0.9)["warnings"] == []
+
+
+# ---- the refusal detector, measured ----------------------------------------------------------------------------
+REFUSAL_SETS = ["refusal_answers", "refusal_answers_blind1", "refusal_answers_blind2", "refusal_answers_blind3"]
+
+
+@pytest.mark.parametrize("name", REFUSAL_SETS)
+def test_the_refusal_detector_has_precision_and_recall_of_097_on_each_labelled_set(name):
+    """tests/fixtures: 176 answers written with the rules, then three sets written apart from them, each first
+    measured blind (recall 0.46, 0.43, 0.67; docs/evaluation.md) and then used to widen the rules."""
+    items = json.loads((FIXTURES / f"{name}.json").read_text())
+    found = [metrics.is_refusal(item["answer"], REFUSAL) for item in items]
+    true_pos = sum(f and i["refusal"] for f, i in zip(found, items))
+    precision = true_pos / sum(found)
+    recall = true_pos / sum(i["refusal"] for i in items)
+    assert len(items) >= 140 and precision >= 0.97 and recall >= 0.97, (precision, recall)
+
+
+def test_the_two_answers_the_old_detector_took_for_refusals():
+    assert not metrics.is_refusal("Llama Guard stores no information about the user ...", REFUSAL)
+    assert not metrics.is_refusal("I can't say it better than the guide: use tensor_parallel_size=8.", REFUSAL)
+
+
+# ---- metrics against the gold answer and the sources --------------------------------------------------------------
+@pytest.mark.parametrize("prediction, reference, f1", [
+    ("The cat sat", "a cat sat down", 0.8),            # cat sat: precision 2/2, recall 2/3 (articles dropped)
+    ("42 units", "42 units", 1.0), ("", "", 1.0), ("", "42", 0.0), ("blue blue whale", "blue whale", 0.8),
+    ("Port 8000!", "port 8000", 1.0), ("nothing alike", "different words", 0.0)])
+def test_token_f1_by_hand(prediction, reference, f1):
+    assert metrics.token_f1(prediction, reference) == pytest.approx(f1)
+
+
+def test_quote_support_by_hand():
+    chunks = ["Llama 3 has a context length of 8K tokens.", "Prompt Guard   is a classifier."]
+    reply = ("##begin_quote## context length of 8K tokens ##end_quote## and ##begin_quote## Prompt Guard is a "
+             "classifier. ##end_quote## but ##begin_quote## 128K tokens ##end_quote##")
+    assert metrics.quote_support(reply, chunks) == pytest.approx(2 / 3)
+    assert metrics.quote_support("##begin_quote## “context length” ##end_quote##", chunks) == 1.0   # quote marks
+    assert metrics.quote_support("##begin_quote## tokens. Prompt ##end_quote##", chunks) == 1.0     # across chunks
+    assert metrics.quote_support("##begin_quote## ext len ##end_quote##", chunks) == 0.0            # whole words
+    assert metrics.quote_support("##begin_quote## context Length ##end_quote##", chunks) == 0.0     # case counts
+    assert metrics.quote_support("no quote at all", chunks) is None
+    assert metrics.quote_support("##begin_quote## never closed", chunks) is None
+    assert metrics.quote_support("##begin_quote## context length ##end_quote##", []) == 0.0         # nothing given
+
+
+def test_claims_and_groundedness_by_hand():
+    reply = ("1. **SUPPORTED**: The context length is 8K tokens.\n- UNSUPPORTED: It was released in 1998.\n"
+             "Not supported - It runs on Amiga.\nSome commentary the parser skips.")
+    claims = metrics.parse_claims(reply)
+    assert claims == [{"claim": "The context length is 8K tokens.", "supported": True},
+                      {"claim": "It was released in 1998.", "supported": False},
+                      {"claim": "It runs on Amiga.", "supported": False}]
+    assert metrics.groundedness(claims) == pytest.approx(1 / 3)
+    assert metrics.parse_claims("NONE") == [] and metrics.groundedness([]) is None
+
+
+def test_holm_by_hand():
+    assert metrics.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert metrics.holm([0.5]) == [0.5] and metrics.holm([]) == []
+
+
+def test_near_misses_change_one_fact():
+    rng = random.Random(3)
+    assert metrics.near_miss("released in July 2023", [], rng) == "released in July 2026"      # the last digit
+    changed = metrics.near_miss("released in July", [], random.Random(0))
+    assert changed.startswith("released in ") and changed != "released in July" and changed.split()[-1] in metrics.MONTHS
+    assert metrics.near_miss("made by Meta", ["made by Google"], random.Random(0)) == "made by Google"
+    assert metrics.near_miss("grouped-query attention", ["other"], random.Random(0)) is None
+
+
+def test_controls_know_when_declining_is_right_and_additions_are_checked_by_their_claims():
+    golds = ["The documents do not say.", "8 GPUs"]
+    controls = metrics.calibration_controls(golds, REFUSAL, seed=0)
+    refusal_controls = {c["question"]: c["expected"] for c in controls if c["kind"] == "refusal"}
+    assert refusal_controls == {0: True, 1: False}     # declining is the right answer to the first question
+    assert not any(c["kind"] == "near_miss" and c["question"] == 0 for c in controls)
+    [addition] = metrics.addition_controls(golds, REFUSAL, seed=0)
+    assert addition["question"] == 1 and addition["answer"] == f"8 GPUs. {addition['addition']}"
+    addition["claims"] = [{"claim": "It needs 8 GPUs.", "supported": True},
+                          {"claim": addition["addition"].rstrip("."), "supported": False}]
+    assert metrics.addition_flagged(addition)
+    addition["claims"][1]["supported"] = True
+    assert not metrics.addition_flagged(addition)
+    summary = metrics.calibration_summary([{**c, "verdict": c["expected"]} for c in controls], 0.9, [addition])
+    assert summary["addition_leniency"]["rate"] == 1.0 and not summary["hard_controls_pass"]
+    assert summary["near_miss_leniency"] == {"count": 0, "total": 1, "rate": 0.0,
+                                             "interval": metrics.wilson_interval(0, 1)}
+
+
+def test_partial_metrics_are_averaged_over_the_answers_that_have_them():
+    row = dict(verdict=True, refusal=False, failed=False, exact_match=True, rouge1=1.0, rouge2=1.0, rougeL=1.0,
+               token_f1=1.0, similarity=0.9)
+    rows = [{**row, "quote_support": 0.5, "groundedness": None}, {**row, "quote_support": None, "groundedness": 1.0},
+            {**row, "quote_support": 1.0, "groundedness": 0.0, "similarity": None}]
+    summary = metrics.summarise(rows)
+    assert summary["quote_support"] == 0.75 and summary["answers_with_quotes"] == 2
+    assert summary["groundedness"] == 0.5 and summary["answers_with_claims"] == 2
+    assert summary["similarity"] == pytest.approx(0.9) and summary["answers_compared"] == 2
+    intervals = metrics.bootstrap_intervals(rows, metrics.resample_indices(3, 500, seed=0))
+    assert intervals["token_f1"] == [1.0, 1.0] and 0.5 <= intervals["quote_support"][0] <= 0.75

@@ -1,5 +1,6 @@
 """raft_eval.py end to end against scripted servers over real HTTP: exact metric values, outputs, resume, bad input."""
 import json
+import re
 
 import pytest
 
@@ -32,11 +33,23 @@ def base(body, n):
 
 def judge(body, n):
     prompt = body["messages"][-1]["content"]
+    if prompt.startswith("Documents:"):
+        return Reply(content=claims_of(prompt))
     question = prompt.split("Question: ", 1)[1].split("\n", 1)[0]
     answer = prompt.split("Answer to grade: ", 1)[1].split("\n", 1)[0]
     if answer == "a stone lion":
         return Reply(content="Hard to say.")
     return Reply(content="YES" if GOLD[question] in answer else "NO")
+
+
+def claims_of(prompt: str) -> str:
+    """The groundedness judge: each sentence of the answer is a claim, supported when every word of it is in the
+    documents."""
+    documents, answer = prompt.split("\nAnswer: ", 1)
+    words = set(re.findall(r"\w+", documents.lower()))
+    sentences = [s for s in re.split(r"(?<=\.)\s+", answer.strip()) if s]
+    return "\n".join(("SUPPORTED" if set(re.findall(r"\w+", s.lower())) <= words else "UNSUPPORTED") + f": {s}"
+                     for s in sentences) or "NONE"
 
 
 @pytest.fixture
@@ -79,8 +92,17 @@ def test_full_run_exact_metrics_and_outputs(servers, eval_setup):
     assert rag["rouge1"] == pytest.approx((1 + 2 / 3) / 4) and rag["rouge2"] == pytest.approx(1.5 / 4)
     assert rag["rougeL"] == pytest.approx((1 + 2 / 3) / 4)
 
+    # token F1: 1, 0.8 (blue whale of "the blue whale swims": precision 2/3, recall 1), 0, 0
+    assert rag["token_f1"] == pytest.approx(0.45) and rag["intervals"]["token_f1"][0] <= 0.45
+    # every top-2 reply quotes "x", a word no chunk has; without documents nobody quotes
+    assert rag["quote_support"] == 0.0 and rag["answers_with_quotes"] == 4
+    assert 0.0 < rag["similarity"] < 1.0 and rag["answers_compared"] == 4
+    # the groundedness judge read the 3 answers that do not decline, each a single claim
+    assert rag["answers_with_claims"] == 3 and rag["groundedness"] in (0.0, 1 / 3, 2 / 3, 1.0)
+
     no_rag = result["systems"]["student"]["no_rag"]
     assert no_rag["refusal_rate"] == 1.0 and no_rag["judge_score"] == 0.0 and no_rag["precision"] is None
+    assert no_rag["quote_support"] is None and no_rag["answers_with_quotes"] == 0 and no_rag["groundedness"] is None
 
     base_rag = result["systems"]["base"]["rag_top3"]   # the whole reply counts: no <ANSWER>: in it
     assert base_rag["judge_score"] == 0.25 and base_rag["refusal_rate"] == 0.0 and base_rag["precision"] == 0.25
@@ -98,6 +120,9 @@ def test_full_run_exact_metrics_and_outputs(servers, eval_setup):
     assert all(r["source"].endswith(".md") for r in row["retrieved"])
     entry = row["systems"]["student"]["rag_top2"]
     assert entry["answer"] == "the blue whale swims" and entry["verdict"] is True and entry["judge_reply"] == "YES"
+    assert entry["token_f1"] == pytest.approx(0.8) and len(entry["claims"]) == 1
+    assert entry["claims"][0]["claim"] == "the blue whale swims"
+    assert log[0]["systems"]["student"]["rag_top2"]["similarity"] == pytest.approx(1.0, abs=1e-5)   # "42 units"
 
     text = (out / "report.md").read_text()
     assert f"| student | RAG top-2 | 0.500 [{low:.2f}, {high:.2f}] | 1.000 [1.00, 1.00] | 0.250 [" in text
@@ -105,6 +130,10 @@ def test_full_run_exact_metrics_and_outputs(servers, eval_setup):
     calibration = result["judge_calibration"]
     assert calibration["true_positive_rate"] == 1.0 and calibration["true_negative_rate"] == 1.0
     assert calibration["right_controls"] == 4 and calibration["wrong_controls"] == 8 and not calibration["warnings"]
+    # the hard controls: "42 units" with a digit changed (NO), and every gold answer with a fabricated sentence
+    assert calibration["near_miss_leniency"]["total"] == 1 and calibration["near_miss_leniency"]["count"] == 0
+    assert calibration["addition_leniency"]["total"] == 4 and calibration["addition_leniency"]["count"] == 0
+    assert calibration["hard_controls_pass"] and "can be read as accuracy" in text
     assert text.index("## Can the judge be trusted?") < text.index("## Systems")
     assert "true-negative rate (NO to another question's gold answer or to the refusal): 8 of 8, 1.00 [0.68, 1.00]" in text
     comparisons = [c for c in result["comparisons"] if c["condition"] == "rag_top2"]
@@ -123,8 +152,10 @@ def test_full_run_exact_metrics_and_outputs(servers, eval_setup):
 def test_second_run_resumes_from_the_cache(servers, eval_setup):
     assert run_eval(servers, eval_setup, "-r", "2") == 0
     sent = [len(server.requests) for server in servers]
-    # 4 questions x (no RAG + top-2), per system; the judge: all 16 answers and 3 control answers per question
-    assert sent == [8, 8, 16 + 12]
+    # 4 questions x (no RAG + top-2), per system; the judge: all 16 answers, 3 control answers per question and a
+    # near miss of "42 units", then the groundedness of the 7 top-2 answers that do not decline and of the 4 gold
+    # answers with a fabricated sentence added
+    assert sent == [8, 8, 16 + 12 + 1 + 7 + 4]
     assert run_eval(servers, eval_setup, "-r", "2") == 0
     assert [len(server.requests) for server in servers] == sent
 
@@ -237,12 +268,17 @@ def test_a_judge_that_agrees_with_everything_is_flagged(servers, eval_setup, cap
     result = json.loads((out / "metrics.json").read_text())
     assert result["judge_calibration"]["true_negative_rate"] == 0.0
     warning = "the judge accepted 8 of 8 wrong answers: its scores are not reliable"
-    assert result["judge_calibration"]["warnings"] == [warning]
+    assert result["judge_calibration"]["warnings"] == [
+        warning, "the judge accepted 1 of 1 near misses (a gold answer with one number, month or name changed): it "
+                 "is lenient on details",
+        "the groundedness judge missed 4 of 4 fabricated sentences added to a gold answer: its groundedness scores "
+        "overstate support"]
     assert f"WARNING: {warning}" in capsys.readouterr().out
     report = (out / "report.md").read_text()
     assert report.index(f"**WARNING: {warning}.**") < report.index("## Systems")
     controls = [json.loads(line) for line in open(out / "calibration.jsonl")]
-    assert {c["kind"] for c in controls} == {"gold", "other", "refusal"} and all(c["verdict"] for c in controls)
+    assert {c["kind"] for c in controls} == {"gold", "other", "refusal", "near_miss", "addition"}
+    assert all(c["verdict"] for c in controls if c["kind"] != "addition") and "can be read as accuracy" not in report
 
 
 def test_calibration_can_be_switched_off(servers, eval_setup, tmp_path):
@@ -250,7 +286,7 @@ def test_calibration_can_be_switched_off(servers, eval_setup, tmp_path):
     config.write_text(open(raft_eval.__file__.replace("raft_eval.py", "raft_eval_config.yaml")).read()
                       .replace("judge_calibration: true", "judge_calibration: false"))
     assert run_eval(servers, eval_setup, "-r", "2", "-c", str(config)) == 0
-    assert len(servers[2].requests) == 16
+    assert len(servers[2].requests) == 16 + 7          # the answers' verdicts and groundedness, no control
     assert json.loads((eval_setup[2] / "metrics.json").read_text())["judge_calibration"] is None
 
 

@@ -39,6 +39,7 @@ def test_models_and_a_completion_with_its_sources(endpoint):
     assert reply.choices[0].message.content == ANSWER and reply.choices[0].finish_reason == "stop"
     extra = reply.model_extra
     assert extra["handoff"] is False and extra["reasoning"] == COT
+    assert extra["quote_support"] in (0.0, 1.0) and extra["unquoted"] is (extra["quote_support"] == 0.0)
     assert len(extra["sources"]) == 3 and extra["sources"][0]["source"].endswith("serving_llama.html")
     assert {"rank", "source", "text"} == set(extra["sources"][0])
 
