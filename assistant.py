@@ -28,6 +28,7 @@ from hardware import compute_dtype, torch_dtype
 from llm_client import ChatClient, public_host
 from raft_utils import instruction
 from retrieval import build_retriever, settings_from_config
+from refusal import is_refusal
 from text import ANSWER_MARK, final_answer
 
 
@@ -188,7 +189,7 @@ class Assistant:
         for word in the sources, None without a quote). An answer with sources of which nothing is quoted is
         flagged `unquoted`: a person should check it against them."""
         answer = metrics.answer_text(turn.reply)
-        handoff = metrics.is_refusal(answer, self.refusal_answer)
+        handoff = is_refusal(answer, self.refusal_answer)
         support = metrics.quote_support(turn.reply, [s["text"] for s in turn.sources]) if turn.sources else None
         return {"question": turn.question, "answer": answer, "reply": turn.reply,
                 "answer_marked": final_answer(turn.reply) is not None, "handoff": handoff, "sources": turn.sources,

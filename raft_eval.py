@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import calibration
 import format as formats
 import metrics
 import report
@@ -40,6 +41,7 @@ from errors import ConfigError, InputError, LLMFatalError, OutputError
 from folder_lock import FolderLock
 from llm_client import ChatClient, public_host
 from raft_utils import instruction
+from refusal import is_refusal
 from text import final_answer
 from retrieval import KINDS, build_retrievers, load_embedder, settings_from_config
 
@@ -208,7 +210,7 @@ def score(question: dict, result, refusal_answer: str, given: list[str]) -> dict
             "exact_match": metrics.exact_match(answer, question["answer"]),
             "token_f1": metrics.token_f1(answer, question["answer"]),
             "quote_support": metrics.quote_support(reply, given),
-            "refusal": metrics.is_refusal(answer, refusal_answer)}
+            "refusal": is_refusal(answer, refusal_answer)}
 
 
 def add_similarity(entries: list[tuple[int, dict]], questions, embedder):
@@ -396,9 +398,9 @@ def judge_answers(cfg, args, judge: "Endpoint", questions, log, given) -> tuple[
     """The judge's verdict on every answer and on the calibration controls, and the groundedness of every answer
     given documents and of the fabricated-addition controls: (controls, addition controls)."""
     golds = [q["answer"] for q in questions]
-    controls = metrics.calibration_controls(golds, cfg["refusal_answer"], args.seed) if cfg["judge_calibration"] \
+    controls = calibration.controls(golds, cfg["refusal_answer"], args.seed) if cfg["judge_calibration"] \
         else []
-    additions = metrics.addition_controls(golds, cfg["refusal_answer"], args.seed) \
+    additions = calibration.additions(golds, cfg["refusal_answer"], args.seed) \
         if cfg["judge_calibration"] and cfg["groundedness"] else []
     print(f"judge {judge.name} at {public_host(judge.url)}"
           + (f", with {len(controls) + len(additions)} calibration controls" if controls else ""), flush=True)
@@ -426,8 +428,8 @@ def summarise(cfg, args, systems, log, controls, additions, conditions) -> dict:
                    for base in baselines for condition in conditions]
     for comparison, adjusted in zip(comparisons, metrics.holm([c["mcnemar_p"] for c in comparisons])):
         comparison.update(mcnemar_p_holm=adjusted, significant=adjusted < 0.05, comparisons=len(comparisons))
-    calibration = metrics.calibration_summary(controls, cfg["judge_min_rate"], additions) if controls else None
-    return {"judge_calibration": calibration, "systems": summary, "comparisons": comparisons}
+    trust = calibration.summary(controls, cfg["judge_min_rate"], additions) if controls else None
+    return {"judge_calibration": trust, "systems": summary, "comparisons": comparisons}
 
 
 def say_where_answers_came_from(system: Endpoint):

@@ -4,7 +4,9 @@ import random
 
 import pytest
 
+import calibration
 import metrics
+from refusal import is_refusal
 from retrieval import reciprocal_rank_fusion
 from tests.conftest import FIXTURES
 
@@ -57,7 +59,7 @@ def test_parse_verdict(reply, verdict):
     ("128K tokens", False), ("The licence is not open source.", False), ("an unknown number of tokens", False),
     ("", False)])
 def test_is_refusal(answer, refused):
-    assert metrics.is_refusal(answer, REFUSAL) is refused
+    assert is_refusal(answer, REFUSAL) is refused
 
 
 def test_precision_counts_only_judged_answers_that_did_not_decline():
@@ -155,7 +157,7 @@ def test_paired_comparison_by_hand():
 
 
 def test_calibration_of_a_judge_that_says_yes_to_everything():
-    controls = metrics.calibration_controls(["8 GPUs", "128K tokens", "Yes", "yes"], REFUSAL, seed=0)
+    controls = calibration.controls(["8 GPUs", "128K tokens", "Yes", "yes"], REFUSAL, seed=0)
     kinds = [c["kind"] for c in controls]
     assert kinds.count("gold") == 4 and kinds.count("refusal") == 4
     assert kinds.count("other") == 4         # "Yes" and "yes" are the same answer: their wrong one is drawn elsewhere
@@ -165,7 +167,7 @@ def test_calibration_of_a_judge_that_says_yes_to_everything():
             assert metrics.squad_normalise(c["answer"]) != metrics.squad_normalise(["8 GPUs", "128K tokens", "Yes", "yes"][c["question"]])
     for c in controls:
         c["verdict"] = True
-    summary = metrics.calibration_summary(controls, 0.9)
+    summary = calibration.summary(controls, 0.9)
     assert summary["true_positive_rate"] == 1.0 and summary["true_negative_rate"] == 0.0
     assert summary["warnings"] == ["the judge accepted 8 of 8 wrong answers: its scores are not reliable",
                                    "the judge accepted 2 of 2 near misses (a gold answer with one number, month or "
@@ -173,7 +175,7 @@ def test_calibration_of_a_judge_that_says_yes_to_everything():
     assert summary["near_miss_leniency"]["rate"] == 1.0 and not summary["hard_controls_pass"]
     for c in controls:
         c["verdict"] = c["expected"]
-    assert metrics.calibration_summary(controls, 0.9)["warnings"] == []
+    assert calibration.summary(controls, 0.9)["warnings"] == []
 
 
 # ---- the refusal detector, measured ----------------------------------------------------------------------------
@@ -185,7 +187,7 @@ def test_the_refusal_detector_has_precision_and_recall_of_097_on_each_labelled_s
     """tests/fixtures: 176 answers written with the rules, then three sets written apart from them, each first
     measured blind (recall 0.46, 0.43, 0.67; docs/evaluation.md) and then used to widen the rules."""
     items = json.loads((FIXTURES / f"{name}.json").read_text())
-    found = [metrics.is_refusal(item["answer"], REFUSAL) for item in items]
+    found = [is_refusal(item["answer"], REFUSAL) for item in items]
     true_pos = sum(f and i["refusal"] for f, i in zip(found, items))
     precision = true_pos / sum(found)
     recall = true_pos / sum(i["refusal"] for i in items)
@@ -193,8 +195,8 @@ def test_the_refusal_detector_has_precision_and_recall_of_097_on_each_labelled_s
 
 
 def test_the_two_answers_the_old_detector_took_for_refusals():
-    assert not metrics.is_refusal("Llama Guard stores no information about the user ...", REFUSAL)
-    assert not metrics.is_refusal("I can't say it better than the guide: use tensor_parallel_size=8.", REFUSAL)
+    assert not is_refusal("Llama Guard stores no information about the user ...", REFUSAL)
+    assert not is_refusal("I can't say it better than the guide: use tensor_parallel_size=8.", REFUSAL)
 
 
 # ---- metrics against the gold answer and the sources --------------------------------------------------------------
@@ -238,27 +240,27 @@ def test_holm_by_hand():
 
 def test_near_misses_change_one_fact():
     rng = random.Random(3)
-    assert metrics.near_miss("released in July 2023", [], rng) == "released in July 2026"      # the last digit
-    changed = metrics.near_miss("released in July", [], random.Random(0))
-    assert changed.startswith("released in ") and changed != "released in July" and changed.split()[-1] in metrics.MONTHS
-    assert metrics.near_miss("made by Meta", ["made by Google"], random.Random(0)) == "made by Google"
-    assert metrics.near_miss("grouped-query attention", ["other"], random.Random(0)) is None
+    assert calibration.near_miss("released in July 2023", [], rng) == "released in July 2026"      # the last digit
+    changed = calibration.near_miss("released in July", [], random.Random(0))
+    assert changed.startswith("released in ") and changed != "released in July" and changed.split()[-1] in calibration.MONTHS
+    assert calibration.near_miss("made by Meta", ["made by Google"], random.Random(0)) == "made by Google"
+    assert calibration.near_miss("grouped-query attention", ["other"], random.Random(0)) is None
 
 
 def test_controls_know_when_declining_is_right_and_additions_are_checked_by_their_claims():
     golds = ["The documents do not say.", "8 GPUs"]
-    controls = metrics.calibration_controls(golds, REFUSAL, seed=0)
+    controls = calibration.controls(golds, REFUSAL, seed=0)
     refusal_controls = {c["question"]: c["expected"] for c in controls if c["kind"] == "refusal"}
     assert refusal_controls == {0: True, 1: False}     # declining is the right answer to the first question
     assert not any(c["kind"] == "near_miss" and c["question"] == 0 for c in controls)
-    [addition] = metrics.addition_controls(golds, REFUSAL, seed=0)
+    [addition] = calibration.additions(golds, REFUSAL, seed=0)
     assert addition["question"] == 1 and addition["answer"] == f"8 GPUs. {addition['addition']}"
     addition["claims"] = [{"claim": "It needs 8 GPUs.", "supported": True},
                           {"claim": addition["addition"].rstrip("."), "supported": False}]
-    assert metrics.addition_flagged(addition)
+    assert calibration.addition_flagged(addition)
     addition["claims"][1]["supported"] = True
-    assert not metrics.addition_flagged(addition)
-    summary = metrics.calibration_summary([{**c, "verdict": c["expected"]} for c in controls], 0.9, [addition])
+    assert not calibration.addition_flagged(addition)
+    summary = calibration.summary([{**c, "verdict": c["expected"]} for c in controls], 0.9, [addition])
     assert summary["addition_leniency"]["rate"] == 1.0 and not summary["hard_controls_pass"]
     assert summary["near_miss_leniency"] == {"count": 0, "total": 1, "rate": 0.0,
                                              "interval": metrics.wilson_interval(0, 1)}
