@@ -23,6 +23,7 @@ class Key:
     check: Optional[Callable[[Any], Optional[str]]] = None  # returns a problem description, or None
     default: Any = None         # recipe schemas only (FINETUNE_SCHEMA): the value when neither file nor flag sets it
     help: str = ""              # recipe schemas only: the flag's help
+    fields: Optional[dict] = None   # a section (a mapping of its own keys, each checked like a top-level one)
 
 
 def probability(value) -> Optional[str]:
@@ -102,6 +103,12 @@ def validate_value(source: str, name: str, value, key: Key):
     problem = key.check(value) if key.check else None
     if problem:
         raise ConfigError(f"{source}: key '{name}' {problem}")
+    if key.fields is not None:
+        _reject_unknown(source, value, key.fields, prefix=f"{name}.")
+        missing = [field for field in key.fields if field not in value]
+        if missing:
+            raise ConfigError(f"{source}: section '{name}' misses {', '.join(missing)}: copy them from the shipped file")
+        return {field: validate_value(source, f"{name}.{field}", value[field], sub) for field, sub in key.fields.items()}
     return value
 
 
@@ -121,12 +128,12 @@ def _read_mapping(path: str) -> dict:
     return raw
 
 
-def _reject_unknown(path: str, raw: dict, schema: dict[str, Key]):
+def _reject_unknown(path: str, raw: dict, schema: dict[str, Key], prefix: str = ""):
     for name in raw:
         if name not in schema:
             close = difflib.get_close_matches(str(name), schema, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{path}: unknown key '{name}'{hint}")
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"{path}: unknown key '{prefix}{name}'{hint}")
 
 
 def load_config(path: str, schema: dict[str, Key]) -> dict:
@@ -175,6 +182,26 @@ CLIENT_KEYS: dict[str, Key] = {
 GENERATION_KEYS: dict[str, Key] = {**SOURCE_KEYS, "refusal_answer": Key(str)}
 
 
+# raft.yaml's quality section: the filters of quality.py.
+QUALITY_KEYS: dict[str, Key] = {
+    "answer_checks": Key(bool),
+    "question_checks": Key(bool),
+    "min_question_words": Key(int, positive),
+    "max_question_words": Key(int, positive),
+    "duplicates": Key(bool),
+    "duplicate_method": Key(str, one_of("jaccard", "embedding")),
+    "duplicate_threshold": Key(float, probability),
+    "embedding_model": Key(str),
+    "round_trip": Key(bool),
+    "round_trip_retriever": Key(str, one_of("bm25", "dense", "hybrid")),
+    "round_trip_k": Key(int, positive),
+    "copy_threshold": Key(float, probability),
+    "teacher_grade": Key(bool),
+    "teacher_grade_threshold": Key(int, positive),
+    "teacher_grade_max_tokens": Key(int, positive),
+    "teacher_grade_prompt": Key(list, chat_messages("context", "question", "answer")),
+}
+
 # The schema of raft.yaml; raft.yaml itself documents what each key means.
 RAFT_SCHEMA: dict[str, Key] = {
     **SOURCE_KEYS,
@@ -183,7 +210,6 @@ RAFT_SCHEMA: dict[str, Key] = {
     "oracle_probability": Key(float, probability),
     "refusal_probability": Key(float, probability),
     "refusal_answer": Key(str),
-    "quote_check": Key(str, one_of("flag", "drop")),
     "seed": Key(int),
     "model": Key(str),
     "temperature": Key(float, non_negative),
@@ -199,6 +225,7 @@ RAFT_SCHEMA: dict[str, Key] = {
     "question_prompt": Key(list, chat_messages("context", "num_questions")),
     "answer_prompt": Key(list, chat_messages("context", "question")),
     "answer_retry_prompt": Key(str),
+    "quality": Key(dict, fields=QUALITY_KEYS),
 }
 
 

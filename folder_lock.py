@@ -1,5 +1,6 @@
-"""One run at a time per output folder: raft.py and raft_eval.py hold a lock on theirs while they run, so that two
-runs never write the same files or rename each other's.
+"""An output folder that survives a failed run: one run at a time (raft.py, quality.py and raft_eval.py hold a lock on
+theirs while they run, so that two runs never write the same files or rename each other's), and new outputs written
+beside the previous ones (STAGING) and swapped in only once all are written.
 
 The lock is a POSIX record lock (lockf) on a file in the folder: the kernel releases it when its process ends,
 however it ends (kill -9 included), so a lock is never left stale; unlike flock, a forked child (raft.py's record
@@ -11,9 +12,12 @@ import os
 import sys
 from pathlib import Path
 
+import format as formats
 from errors import OutputError
 
 LOCK_FILE = ".raft-toolkit.lock"
+STAGING = ".raft-next"     # inside the output folder: the new outputs, until all are written
+LAST = "raft_run.json"     # the record of the run whose outputs are in place: moved in last
 
 
 class FolderLock:
@@ -40,3 +44,13 @@ class FolderLock:
     def __exit__(self, *exc):
         self.file.close()          # closing the file releases the lock
         return False
+
+
+def swap_in(staging: Path, output: Path):
+    """Move the new outputs over the previous ones, file by file (each os.replace is atomic), raft_run.json last:
+    until this point a failed or stopped run has left the previous outputs as they were. A replaced gigabyte file
+    is freed on another thread (format.discard_in_background)."""
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == LAST):
+        formats.discard_in_background(output / path.name)
+        os.replace(path, output / path.name)
+    staging.rmdir()

@@ -48,7 +48,7 @@ def output_file(path: str, output_type: str) -> Path:
 # The fields raft.py writes (design.md, section 2) and their Arrow types, so that records can be written in batches
 # (a batch of refusal examples alone would leave quotes_verified without a type).
 RAFT_FIELDS = ("id", "type", "question", "context", "oracle_context", "cot_answer", "instruction", "source",
-               "oracle_present", "quotes_verified")
+               "oracle_present", "quotes_verified", "oracle_rank")
 BATCH = 1000        # records per Parquet or Arrow batch: memory stays flat, whatever the number of records
 
 
@@ -58,7 +58,7 @@ def raft_arrow_schema():
     return pa.schema([("id", text), ("type", text), ("question", text),
                       ("context", pa.struct([("title", nested), ("sentences", nested)])),
                       ("oracle_context", text), ("cot_answer", text), ("instruction", text), ("source", text),
-                      ("oracle_present", pa.bool_()), ("quotes_verified", pa.bool_())])
+                      ("oracle_present", pa.bool_()), ("quotes_verified", pa.bool_()), ("oracle_rank", pa.int64())])
 
 
 def discard_in_background(path: Path):

@@ -16,7 +16,6 @@ import asyncio
 import collections
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -27,13 +26,14 @@ from tqdm import tqdm
 
 import format as formats
 from cli import add_client_flags, add_source_flags, client_from_config, connect, run_main
-from config import RAFT_SCHEMA, TOOLKIT_VERSION, fill_prompt, load_config_with_flags
+from config import RAFT_SCHEMA, RUN_RECORD, TOOLKIT_VERSION, fill_prompt, load_config_with_flags
 from documents import load_chunks
 from errors import InputError, OutputError
-from folder_lock import FolderLock
+from folder_lock import STAGING, FolderLock, swap_in
 from llm_client import ChatResult, public_host
 from raft_utils import QA, AssemblySettings, chunks_needed, parse_questions, quotes_verified
-from record_writer import RecordWriter, what_to_do_about
+from quality import DATA_CARD, QualityStage, data_card
+from record_writer import STREAM, RecordWriter, convert_stream, what_to_do_about
 from text import final_answer, normalise
 
 DEFAULT_URL = "http://localhost:8001/v1"
@@ -60,7 +60,6 @@ def parse_args(argv):
 
 
 TRUNCATED = "truncated: cut at max_tokens, also with twice the budget"
-STREAM = "raft_records.partial.jsonl"     # the records as they are written, in the staging folder
 QUESTION_PRIORITY, ANSWER_PRIORITY = 1, 0      # answers first: a chunk in progress finishes before new ones start
 
 
@@ -147,9 +146,6 @@ class Pipeline:
             self.stats["dropped"]["answer without <ANSWER>: after a retry"] += 1
             return None
         verified = quotes_verified(result.text, self.chunks[index].text)
-        if not verified and self.cfg["quote_check"] == "drop":
-            self.stats["dropped"]["quotes not found in the oracle chunk"] += 1
-            return None
         self.stats["answers"] += 1
         self.stats["unverified quotes"] += not verified
         return QA(index, question, result.text, verified)
@@ -169,39 +165,29 @@ def drop_reason(stage: str, result: ChatResult) -> str:
     return TRUNCATED if result.error == TRUNCATED else f"{stage} request failed ({result.error})"
 
 
-STAGING = ".raft-next"    # inside -o: the new outputs, swapped in over the previous ones only once all are written
-RUN_RECORD = "raft_run.json"
-
-
-def write_outputs(staging: Path, cfg, client, stats) -> str:
-    """The converted file from the records streamed into the staging folder (raft.py's own format and JSONL: the
-    stream itself, renamed), and raft_run.json (the settings and counts); returns the converted file's name."""
-    stream = staging / STREAM
-    if cfg["output_format"] == "hf" and cfg["output_type"] == "jsonl":
-        target = formats.output_file(str(staging / "raft"), "jsonl")
-        os.replace(stream, target)
-    else:
-        target = formats.write(formats.iter_jsonl(str(stream)), str(staging / "raft"), cfg["output_format"],
-                               cfg["output_type"], cfg["output_chat_system_prompt"])
-        stream.unlink()
+def write_outputs(staging: Path, cfg, client, stats, quality: QualityStage, chunks_asked: int) -> str:
+    """The converted file, raft_run.json (the settings and counts) and data_card.md, in the staging folder; returns
+    the converted file's name."""
+    target = convert_stream(staging, cfg)
+    counts = {k: (dict(v) if isinstance(v, collections.Counter) else v) for k, v in stats.items()}
     run_settings = {
         "tool": "raft-toolkit", "version": TOOLKIT_VERSION, "teacher_model": client.model,
         "teacher_fingerprint": client.fingerprint, "endpoints": [public_host(u) for u in client.urls],
-        "seed": cfg["seed"], "config": cfg,
-        "counts": {k: (dict(v) if isinstance(v, collections.Counter) else v) for k, v in stats.items()},
+        "seed": cfg["seed"], "config": cfg, "counts": counts,
     }
     (staging / RUN_RECORD).write_text(json.dumps(run_settings, indent=2, ensure_ascii=False) + "\n")
+    stages = [("chunks (asked about)", f"{stats['chunks']} ({chunks_asked})"),
+              ("questions the teacher wrote", stats.get("questions", 0)),
+              ("answers", stats.get("answers", 0)),
+              ("dropped before the quality stage", sum(stats["dropped"].values())),
+              ("questions kept by the quality stage", quality.card.verdicts["kept"]),
+              ("records written", stats["examples"]), ("records filtered out", stats["filtered records"])]
+    settings = {"teacher_model": client.model, "seed": cfg["seed"], "chunk_size": cfg["chunk_size"],
+                "questions_per_chunk": cfg["questions_per_chunk"], "num_distract_docs": cfg["num_distract_docs"],
+                "oracle_probability": cfg["oracle_probability"], "refusal_probability": cfg["refusal_probability"],
+                "quality": {k: v for k, v in cfg["quality"].items() if not k.endswith("_prompt")}}
+    (staging / DATA_CARD).write_text(data_card(quality.card, stages, settings, chunks_asked), encoding="utf-8")
     return target.name
-
-
-def swap_in(staging: Path, output: Path):
-    """Move the new outputs over the previous ones, file by file (each os.replace is atomic), raft_run.json last:
-    until this point a failed or stopped run has left the previous dataset, raft.jsonl and raft_run.json as they
-    were. A replaced gigabyte file is freed on another thread (format.discard_in_background)."""
-    for path in sorted(staging.iterdir(), key=lambda p: p.name == RUN_RECORD):
-        formats.discard_in_background(output / path.name)
-        os.replace(path, output / path.name)
-    staging.rmdir()
 
 
 def print_summary(stats, client, target, skipped, seconds):
@@ -214,6 +200,9 @@ def print_summary(stats, client, target, skipped, seconds):
         f"answers          {stats.get('answers', 0)} ({stats.get('answers retried', 0)} retried for a missing <ANSWER>:; "
         f"{stats.get('replies cut at max_tokens', 0)} replies cut at max_tokens asked again with twice the budget)",
         *(f"  dropped        {n} {why}" for why, n in sorted(stats["dropped"].items())),
+        f"quality filters  {sum(stats['filtered'].values())} questions dropped ({stats.get('filtered records', 0)} "
+        "records, in filtered_out.jsonl)",
+        *(f"  filtered       {n} {why}" for why, n in sorted(stats["filtered"].items())),
         f"examples         {stats['examples']}: {stats['oracle-free']} without the oracle, {stats['refusal']} refusals",
         f"unverified quotes {stats.get('unverified quotes', 0)} (flagged with quotes_verified=false)",
         f"requests         {usage.sent} sent, {usage.cached} from the cache, {usage.retries} retries, {usage.failed} failed, "
@@ -221,21 +210,27 @@ def print_summary(stats, client, target, skipped, seconds):
         *(f"replica          {line} (its requests went to the others)" for line in client.replicas.outages()),
         f"tokens           {usage.prompt_tokens} prompt + {usage.completion_tokens} completion sent in this run",
         f"time             {seconds:.1f} s",
-        f"output           {target}",
+        f"output           {target} (data card: {target.parent / DATA_CARD})",
     ]
     print("\n".join(lines))
 
 
-def generate(client, cfg, chunks, asked, writer: RecordWriter, stats):
-    """Window after window: the teacher's questions and answers for the window's chunks, handed to the record
-    writer, which appends their records to raft.jsonl's stream and to the Hugging Face dataset. Memory is bounded
-    by the window (window_chunks), not by the corpus; any window size gives the same records."""
+def generate(client, cfg, chunks, asked, writer: RecordWriter, stats) -> QualityStage:
+    """Window after window: the teacher's questions and answers for the window's chunks, judged by the quality
+    stage, handed to the record writer, which appends their records to raft.jsonl's stream and to the Hugging Face
+    dataset (the dropped ones to filtered_out.jsonl). Memory is bounded by the window (window_chunks), not by the
+    corpus; any window size gives the same records."""
     pipeline = Pipeline(client, cfg, chunks, stats)
+    quality = QualityStage(cfg["quality"], chunks, client, {"temperature": cfg["temperature"],
+                                                            "max_tokens": cfg["quality"]["teacher_grade_max_tokens"]})
     with tqdm(total=len(asked), desc="chunks", unit="chunk", dynamic_ncols=True) as progress:
         size = cfg["window_chunks"]
         for start in range(0, len(asked), size):
-            writer.add(client.run(pipeline.window(range(start, min(start + size, len(asked))), progress)))
+            qas = client.run(pipeline.window(range(start, min(start + size, len(asked))), progress))
+            writer.add(quality.judge(qas))
     stats.update(writer.finish())
+    stats["filtered"] = collections.Counter({k: v for k, v in quality.card.verdicts.items() if k != "kept"})
+    return quality
 
 
 def load_and_check(cfg, args, stats) -> tuple:
@@ -273,15 +268,16 @@ def run(args) -> int:
         staging = output / STAGING
         shutil.rmtree(staging, ignore_errors=True)         # an earlier run's unfinished outputs
         writable_folder(staging)
-        client = ask_teacher(cfg, args, chunks, asked, assembly, staging, stats, loaded)
-        if client is None:
+        done = ask_teacher(cfg, args, chunks, asked, assembly, staging, stats, loaded)
+        if done is None:
             return 130
+        client, quality = done
         try:
             if not stats["examples"]:
                 dropped = ", ".join(f"{n} {why}" for why, n in stats["dropped"].items()) or "nothing parsed"
                 raise InputError(f"the teacher produced no usable question/answer pair ({dropped}): "
                                  f"check the model and the prompts in {args.config}")
-            target = write_outputs(staging, cfg, client, stats)
+            target = write_outputs(staging, cfg, client, stats, quality, len(asked))
             swap_in(staging, output)
         except OSError as e:
             raise OutputError(f"writing the outputs into {output} failed ({e}): {what_to_do_about(e)}; the "
@@ -293,9 +289,9 @@ def run(args) -> int:
 
 
 def ask_teacher(cfg, args, chunks, asked, assembly, staging: Path, stats, loaded):
-    """The teacher's questions and answers, assembled into records in the staging folder by the record writer.
-    Returns the (closed) client, or None after Ctrl-C; any failure removes the staging folder, so the previous
-    outputs in -o stay as they were."""
+    """The teacher's questions and answers, judged by the quality stage and assembled into records in the staging
+    folder by the record writer. Returns the (closed) client and the quality stage, or None after Ctrl-C; any
+    failure removes the staging folder, so the previous outputs in -o stay as they were."""
     cache_path = cfg["cache_path"] or str(staging.parent / "llm_cache.sqlite")
     # The record writer first, while this process has no event loop, socket, thread or open database for it to
     # inherit.
@@ -307,8 +303,7 @@ def ask_teacher(cfg, args, chunks, asked, assembly, staging: Path, stats, loaded
         client.identify_model()
         print(f"teacher {client.model} at {', '.join(public_host(u) for u in client.urls)}; "
               f"questions on {len(asked)} of {len(chunks)} chunks from {len(loaded.documents)} documents", flush=True)
-        generate(client, cfg, chunks, asked, writer, stats)
-        return client
+        return client, generate(client, cfg, chunks, asked, writer, stats)
     except KeyboardInterrupt:
         writer.abandon()
         shutil.rmtree(staging, ignore_errors=True)

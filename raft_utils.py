@@ -54,6 +54,8 @@ class QA:
     question: str
     cot_answer: str
     quotes_verified: bool
+    oracle_rank: Optional[int] = None      # the oracle chunk's rank when the question is searched (quality.py)
+    dropped: Optional[object] = None       # quality.Verdict when a filter dropped the question, else None
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ def instruction(docs: list[str], question: str) -> str:
 
 
 def _record(row: int, prefix: str, question: str, docs: list[str], oracle: Chunk, answer: str,
-            oracle_present: bool, verified: Optional[bool]) -> dict:
+            oracle_present: bool, verified: Optional[bool], oracle_rank: Optional[int]) -> dict:
     return {
         "id": f"{prefix}_{row}",
         "type": "general",
@@ -90,6 +92,7 @@ def _record(row: int, prefix: str, question: str, docs: list[str], oracle: Chunk
         "source": oracle.source,
         "oracle_present": oracle_present,
         "quotes_verified": verified,
+        "oracle_rank": oracle_rank,
     }
 
 
@@ -114,9 +117,15 @@ class Assembler:
         return record
 
     def records(self, qas: list[QA]) -> list[dict]:
+        return [record for _, records in self.records_by_qa(qas) for record in records]
+
+    def records_by_qa(self, qas: list[QA]) -> list[tuple[QA, list[dict]]]:
+        """Each QA with its records (the example, and a refusal example when one is drawn). A dropped QA gets its
+        records too, so that the random draws, and so every other record, do not depend on what was dropped."""
         s, chunks, rng = self.s, self.chunks, self.rng
         out = []
         for qa in qas:
+            made = []
             oracle = chunks[qa.chunk_index]
             available = len(chunks) - 1
             # One extra distinct distractor stands by to take the oracle's place.
@@ -126,12 +135,13 @@ class Assembler:
             oracle_present = rng.random() < s.oracle_probability
             if not oracle_present:
                 docs[docs.index(oracle.text)] = chunks[drawn[-1]].text
-            out.append(self._record("seed_task", qa.question, docs, oracle, qa.cot_answer, oracle_present,
-                                    qa.quotes_verified))
+            made.append(self._record("seed_task", qa.question, docs, oracle, qa.cot_answer, oracle_present,
+                                     qa.quotes_verified, qa.oracle_rank))
             if rng.random() < s.refusal_probability:
                 refusal_docs = [chunks[i].text for i in self._others(qa.chunk_index, s.num_distract_docs + 1)]
-                out.append(self._record("refusal_task", qa.question, refusal_docs, oracle, s.refusal_answer,
-                                        False, None))
+                made.append(self._record("refusal_task", qa.question, refusal_docs, oracle, s.refusal_answer,
+                                         False, None, qa.oracle_rank))
+            out.append((qa, made))
         return out
 
 

@@ -5,6 +5,7 @@ teacher on the other core.
 import collections
 import errno
 import multiprocessing
+import os
 import queue
 import signal
 import sys
@@ -12,25 +13,57 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
+import orjson
+
 import format as formats
 from errors import OutputError
 from raft_utils import QA, Assembler, AssemblySettings
 
 
+STREAM = "raft_records.partial.jsonl"     # the records as they are written, in the staging folder
+FILTERED = "filtered_out.jsonl"           # the records the quality stage dropped, each with its filter and value
+
+
+def filtered_line(record: dict, verdict) -> bytes:
+    """A line of filtered_out.jsonl: the record, the filter that dropped it and the value it dropped it for."""
+    return orjson.dumps({**record, "filter": verdict.filter, "value": verdict.value}) + b"\n"
+
+
+def convert_stream(staging: Path, cfg: dict) -> Path:
+    """The converted file from the records streamed into the staging folder (raft.py's own format and JSONL: the
+    stream itself, renamed)."""
+    stream = staging / STREAM
+    if cfg["output_format"] == "hf" and cfg["output_type"] == "jsonl":
+        target = formats.output_file(str(staging / "raft"), "jsonl")
+        os.replace(stream, target)
+        return target
+    target = formats.write(formats.iter_jsonl(str(stream)), str(staging / "raft"), cfg["output_format"],
+                           cfg["output_type"], cfg["output_chat_system_prompt"])
+    stream.unlink()
+    return target
+
+
 def write_records(chunks, settings, seed, stream: Path, folder: Path, windows, results):
     """The record writer process: assemble the QAs of each window into records and write them (raft.jsonl's
-    lines and the Hugging Face dataset); returns the counts, or the reason it failed, through `results`."""
+    lines and the Hugging Face dataset; the records of a question the quality stage dropped to filtered_out.jsonl);
+    returns the counts, or the reason it failed, through `results`."""
     try:
         import datasets  # noqa: F401 -- 0.7 s, needed to finish the dataset folder: taken while the teacher works
         assembler = Assembler(chunks, settings, seed)
         sink = formats.RecordSink(stream, folder)
-        counts = collections.Counter(examples=0, **{"oracle-free": 0, "refusal": 0})
-        while (qas := next_window(windows)) is not None:
-            for record in assembler.records(qas):
-                sink.add(record)
-                counts["examples"] += 1
-                counts["oracle-free"] += not record["oracle_present"] and record["id"].startswith("seed")
-                counts["refusal"] += record["id"].startswith("refusal")
+        counts = collections.Counter(examples=0, **{"oracle-free": 0, "refusal": 0, "filtered records": 0})
+        with open(folder / FILTERED, "wb") as filtered:
+            while (qas := next_window(windows)) is not None:
+                for qa, records in assembler.records_by_qa(qas):
+                    for record in records:
+                        if qa.dropped:
+                            filtered.write(filtered_line(record, qa.dropped))
+                            counts["filtered records"] += 1
+                            continue
+                        sink.add(record)
+                        counts["examples"] += 1
+                        counts["oracle-free"] += not record["oracle_present"] and record["id"].startswith("seed")
+                        counts["refusal"] += record["id"].startswith("refusal")
         sink.close()
         results.put(counts)
     except OSError as e:

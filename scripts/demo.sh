@@ -134,6 +134,7 @@ echo "[demo] 7/7 report, after $((SECONDS - demo_started)) s:"
 # The evaluation's summary: the judge's calibration, the systems with their 95% intervals, the comparisons.
 awk '/^(\*\*)?(WARNING|judge calibration)/ {on = 1} /^answer support/ {on = 0} on' "$DIR/logs/evaluate.log"
 echo
+echo "  data:     $DIR/data/data_card.md (what the quality filters kept and dropped: $DIR/data/filtered_out.jsonl)"
 echo "  report:   $DIR/eval/report.md (plots beside it; every answer in $DIR/eval/questions.jsonl)"
 echo "  training: $DIR/checkpoints/$STUDENT_NAME/metrics.json and loss.png"
 echo "  chat with the fine-tuned model on a web page (http://127.0.0.1:7860; no server needed):"

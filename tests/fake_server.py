@@ -217,8 +217,9 @@ def main():
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--persona", default="plain")
     p.add_argument("--model", default="teacher")
+    p.add_argument("--delay", type=float, default=0.0, help="seconds before every chat reply")
     args = p.parse_args()
-    with FakeOpenAI(models=(args.model,), persona=args.persona, port=args.port) as fake:
+    with FakeOpenAI(models=(args.model,), persona=args.persona, port=args.port, delay=args.delay) as fake:
         print(f"serving {fake.url}", flush=True)
         threading.Event().wait()
 

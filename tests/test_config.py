@@ -23,7 +23,7 @@ def test_shipped_config_is_valid():
     cfg = load_config(str(ROOT / "raft.yaml"), RAFT_SCHEMA)
     assert cfg["chunk_size"] == 1000 and cfg["num_distract_docs"] == 4
     assert cfg["oracle_probability"] == 0.8 and cfg["refusal_probability"] == 0.05
-    assert cfg["questions_per_chunk"] == 4 and cfg["quote_check"] == "flag"
+    assert cfg["questions_per_chunk"] == 4 and cfg["quality"]["answer_checks"] is True
 
 
 def test_every_key_is_documented_by_a_comment():
@@ -40,7 +40,7 @@ def test_every_key_is_documented_by_a_comment():
     ({"oracle_probability": 1.5}, "key 'oracle_probability' must be between 0 and 1, got 1.5"),
     ({"refusal_probability": -0.1}, "key 'refusal_probability' must be between 0 and 1"),
     ({"num_distract_docs": -1}, "key 'num_distract_docs' must be 0 or more, got -1"),
-    ({"quote_check": "maybe"}, "key 'quote_check' must be one of flag, drop"),
+    ({"quality": {"answer_checks": True}}, "section 'quality' misses question_checks"),
     ({"question_prompt": [{"role": "user", "content": "no placeholders"}]},
      "key 'question_prompt' must contain the placeholder(s) {context}, {num_questions}"),
     ({"answer_prompt": [{"role": "robot", "content": "{context} {question}"}]}, "roles must be system, user or assistant"),

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 import raft
 import raft_eval
@@ -40,6 +41,14 @@ def raft_cmd(url, corpus, out, *extra) -> list[str]:
             *extra]
 
 
+def without_quality_filters(folder: Path) -> str:
+    """A raft.yaml with the quality filters off: the faults these tests provoke are the writer's and the server's."""
+    config = yaml.safe_load((ROOT / "raft.yaml").read_text())
+    config["quality"].update(answer_checks=False, question_checks=False, duplicates=False, round_trip=False)
+    (folder / "raft.yaml").write_text(yaml.safe_dump(config))
+    return str(folder / "raft.yaml")
+
+
 def one_error_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
@@ -61,8 +70,8 @@ def test_a_full_disk_ends_the_run_at_once_with_a_one_line_error(tmp_path):
             (out / raft.STAGING).symlink_to(tmp_path / "full")
         started = time.time()
         run = subprocess.run(raft_cmd(fake.url, corpus, out, "--window_chunks", "20", "--cache_path",
-                                      str(tmp_path / "cache.sqlite")), cwd=ROOT, capture_output=True, text=True,
-                             timeout=120)
+                                      str(tmp_path / "cache.sqlite"), "-c", without_quality_filters(tmp_path)),
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
         seconds = time.time() - started
         line = one_error_line(run.stderr)
         assert run.returncode == 2 and "No space left on device" in line and "free space there" in line
@@ -222,10 +231,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server_process(persona: str = "vllm"):
+def server_process(persona: str = "vllm", delay: float = 0.0):
     """The scripted server as a process of its own, to be killed for real: (url, process)."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "tests.fake_server", "--port", str(port), "--persona", persona],
+    process = subprocess.Popen([sys.executable, "-m", "tests.fake_server", "--port", str(port), "--persona", persona,
+                                "--delay", str(delay)],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert process.stdout.readline().startswith("serving"), "the server process did not start"
@@ -237,7 +247,8 @@ def server_process(persona: str = "vllm"):
 
 def test_a_replica_killed_mid_run_is_taken_out_and_nothing_is_lost(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", n_docs=4, paragraphs=3)
-    with server_process() as (a, killed), server_process() as (b, _), FakeOpenAI(persona="vllm") as reference:
+    with server_process(delay=0.05) as (a, killed), server_process(delay=0.05) as (b, _), \
+            FakeOpenAI(persona="vllm") as reference:
         out = tmp_path / "out"
         run = subprocess.Popen(raft_cmd(a, corpus, out, "-u", b, "--max_in_flight", "4"), cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -13,7 +13,7 @@ RECORDS = [{"id": f"seed_task_{i}", "type": "general", "question": f"Q{i}?",
             "context": {"title": [["placeholder_title"] * 2], "sentences": [[f"doc a{i}", f"doc b{i}"]]},
             "oracle_context": f"doc a{i}", "cot_answer": f"because ##begin_quote## doc a{i} ##end_quote## <ANSWER>: A{i}",
             "instruction": f"<DOCUMENT>doc a{i}</DOCUMENT>\n<DOCUMENT>doc b{i}</DOCUMENT>\nQ{i}?",
-            "source": "x.md", "oracle_present": True, "quotes_verified": True} for i in range(3)]
+            "source": "x.md", "oracle_present": True, "quotes_verified": True, "oracle_rank": i + 1} for i in range(3)]
 
 
 def test_completion_and_chat_carry_the_documents_not_just_the_question():
@@ -66,7 +66,7 @@ def test_arrow_records_without_the_raft_fields_are_refused(tmp_path):
 
 
 def test_record_sink_writes_the_same_records_as_lines_and_as_the_dataset(tmp_path):
-    refusal = {**RECORDS[0], "id": "refusal_task_3", "quotes_verified": None}      # a null the schema must take
+    refusal = {**RECORDS[0], "id": "refusal_task_3", "quotes_verified": None, "oracle_rank": None}   # nulls it takes
     sink = formats.RecordSink(tmp_path / "stream.jsonl", tmp_path / "ds")
     for record in RECORDS + [refusal]:
         sink.add(record)

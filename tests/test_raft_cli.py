@@ -104,20 +104,23 @@ def test_answer_without_marker_is_retried_once_then_dropped(fake, corpus, tmp_pa
     assert "1 answer without <ANSWER>: after a retry" in capsys.readouterr().out
 
 
-def test_quote_check_flag_or_drop(fake, corpus, tmp_path):
+def test_an_answer_quoting_what_its_chunk_lacks_is_filtered_out_or_flagged(fake, corpus, tmp_path):
     def script(body, n):
         if is_answer_request(body) and "Fact 2.0.0" in question_of(body):
             return Reply(content="##begin_quote## an invented sentence ##end_quote##\n<ANSWER>: invented")
     fake.script = script
-    assert run_raft(fake, corpus, tmp_path / "flag") == 0
+    assert run_raft(fake, corpus, tmp_path / "drop") == 0
+    kept = read_jsonl(tmp_path / "drop" / "raft.jsonl")
+    filtered = read_jsonl(tmp_path / "drop" / "filtered_out.jsonl")
+    assert kept and not any("Fact 2.0.0" in r["question"] for r in kept)
+    assert filtered and all("Fact 2.0.0" in r["question"] and r["filter"] == "answer: quote not in the oracle chunk"
+                            for r in filtered)
+    config = yaml.safe_load((ROOT / "raft.yaml").read_text())
+    config["quality"]["answer_checks"] = False             # kept, with quotes_verified false for the user to see
+    (tmp_path / "flag.yaml").write_text(yaml.safe_dump(config))
+    assert run_raft(fake, corpus, tmp_path / "flag", "-c", str(tmp_path / "flag.yaml")) == 0
     flagged = [r for r in read_jsonl(tmp_path / "flag" / "raft.jsonl") if r["quotes_verified"] is False]
     assert flagged and all("Fact 2.0.0" in r["question"] for r in flagged)
-    config = yaml.safe_load((ROOT / "raft.yaml").read_text())
-    config["quote_check"] = "drop"
-    (tmp_path / "drop.yaml").write_text(yaml.safe_dump(config))
-    assert run_raft(fake, corpus, tmp_path / "drop", "-c", str(tmp_path / "drop.yaml")) == 0
-    kept = read_jsonl(tmp_path / "drop" / "raft.jsonl")
-    assert kept and not any("Fact 2.0.0" in r["question"] for r in kept)
 
 
 def test_too_few_chunks_fails_before_any_request(fake, tmp_path, capsys):
