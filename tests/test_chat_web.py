@@ -39,10 +39,12 @@ def scripted(body, n, answer=Reply(content=COT, piece_delay=0.08)):
 
 
 @contextlib.contextmanager
-def running_chat(fake, port: int, *flags, env: dict = {}):
-    """chat.py with `flags` (--web or --serve) on `port`, over the scripted model `fake`, until the block ends."""
+def running_chat(model, port: int, *flags, env: dict = {}):
+    """chat.py with `flags` (--web or --serve) on `port`, over `model` (the scripted server, or model flags such as
+    ["--model_path", DIR]), until the block ends."""
+    model_flags = ["-u", model.url] if hasattr(model, "url") else list(model)
     server = subprocess.Popen(
-        [sys.executable, str(ROOT / "chat.py"), "-u", fake.url, "--retriever", "bm25", "-r", "3", "--port", str(port),
+        [sys.executable, str(ROOT / "chat.py"), *model_flags, "--retriever", "bm25", "-r", "3", "--port", str(port),
          *flags], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
     try:

@@ -91,3 +91,13 @@ def test_the_layer_check_sees_a_violation(tmp_path, monkeypatch):
     (fake_root / "retrieval.py").write_text("")
     monkeypatch.setattr("tests.test_layout.ROOT", fake_root)
     assert imported_files("text.py") == {"retrieval.py"}
+
+
+def test_no_function_is_longer_than_sixty_lines():
+    """A function that reads top to bottom fits on a screen: the longer ones were split by job."""
+    long = []
+    for path in toolkit_files():
+        for node in ast.walk(ast.parse((ROOT / path).read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path}: {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

@@ -4,7 +4,6 @@ server's and one in this process), and an open bind without a key. After each, a
 import concurrent.futures
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.fake_server import FakeOpenAI, Reply
-from tests.test_chat_web import ANSWER, COT, free_port
+from tests.test_chat_web import ANSWER, COT, free_port, running_chat
 
 QUESTION = {"model": "raft-student", "messages": [{"role": "user", "content": "Which port does vLLM listen on?"}]}
 
@@ -23,22 +22,8 @@ QUESTION = {"model": "raft-student", "messages": [{"role": "user", "content": "W
 def serving(*flags, model: list[str]):
     """chat.py --serve on a free port with `flags` and the model flags `model`; yields its base URL."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), *model, "--retriever", "bm25", "-r", "2",
-                               "--serve", "--port", str(port), *flags], cwd=ROOT,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and server.poll() is None:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.2)
-        assert server.poll() is None, server.stdout.read()
+    with running_chat(model, port, "--serve", *flags):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
