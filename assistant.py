@@ -27,6 +27,7 @@ from errors import GenerationError, InputError
 from hardware import compute_dtype, torch_dtype
 from llm_client import ChatClient, public_host
 from raft_utils import instruction
+from rerank import with_reranker
 from retrieval import build_retriever, settings_from_config
 from refusal import is_refusal
 from text import ANSWER_MARK, final_answer
@@ -148,22 +149,24 @@ class Turn:
 class Assistant:
     """Retrieval and prompts, read from the evaluation's config: the model sees what it was trained and tested on."""
 
-    def __init__(self, cfg, topk: int, rag: bool):
+    def __init__(self, cfg, topk: int, rag: bool, rerank_client: Optional[ChatClient] = None):
         self.cfg, self.topk, self.rag = cfg, topk, rag
         self.refusal_answer = cfg["refusal_answer"]
         self.chunks = []
-        self.lock = threading.Lock()        # one retrieval at a time: the embedding model is shared
+        self.lock = threading.Lock()        # one retrieval at a time: the embedding model (and a reranker) is shared
         if rag:
             _, self.chunks, _ = load_chunks(cfg["data_dir"], cfg["xml_path"], cfg["verify_ssl"], cfg["chunk_size"])
-            self.retriever = build_retriever(self.chunks, cfg["retriever"], cfg["embedding_model"],
-                                             cfg["index_cache"] or None, cfg["embedding_batch_size"],
-                                             cfg["embedding_dtype"], settings_from_config(cfg))
+            self.retriever = with_reranker(build_retriever(self.chunks, cfg["retriever"], cfg["embedding_model"],
+                                                           cfg["index_cache"] or None, cfg["embedding_batch_size"],
+                                                           cfg["embedding_dtype"], settings_from_config(cfg)),
+                                           self.chunks, cfg, rerank_client)
         self.params = {"temperature": cfg["temperature"], "max_tokens": cfg["answer_max_tokens"]}
 
     def describe(self) -> str:
         if not self.rag:
             return "no retrieval"
-        return (f"retrieval: {self.cfg['retriever']} top-{self.topk} over {len(self.chunks)} chunks of "
+        reranked = "" if self.cfg["reranker"] == "none" else f", reranked by {self.cfg['reranker']}"
+        return (f"retrieval: {self.cfg['retriever']}{reranked} top-{self.topk} over {len(self.chunks)} chunks of "
                 f"{self.cfg['chunk_size']} characters, as in {self.cfg['sources_from']}")
 
     def start(self, question: str) -> Turn:

@@ -23,7 +23,7 @@ import signal
 import sys
 
 from assistant import Assistant, open_model
-from cli import add_client_flags, add_source_flags, run_main
+from cli import add_client_flags, add_source_flags, client_from_config, connect, run_main
 from config import load_eval_config
 from errors import ConfigError, LLMFatalError
 
@@ -42,6 +42,8 @@ def parse_args(argv):
     p.add_argument("-r", "--topk", type=int, help="chunks retrieved per question (default: rag_topk's first value)")
     add_source_flags(p, reads_run_record=True)
     p.add_argument("--retriever", help="hybrid, dense or bm25")
+    p.add_argument("--reranker", help="none, llm, or a CrossEncoder name or folder (rerank.py)")
+    p.add_argument("--rerank_url", help="the model server of reranker llm (default: -u)")
     p.add_argument("--no-rag", dest="rag", action="store_false", help="ask the model without retrieved documents")
     p.add_argument("--show-reasoning", action="store_true", help="show the whole reply, chain of thought included")
     p.add_argument("--sources", action="store_true", help="list the retrieved chunks' sources after each answer")
@@ -189,6 +191,16 @@ def who_may_call(args):
     return secret
 
 
+def reranker_client(cfg, args):
+    """The model server of reranker llm: --rerank_url, else -u (not with --model_path alone)."""
+    url = args.rerank_url or (None if args.model_path else args.url)
+    if cfg["reranker"] != "llm" or not args.rag or url is None:
+        return None
+    client = client_from_config(cfg, args, [url], "", None)
+    connect(client, args)
+    return client
+
+
 def run(args) -> int:
     cfg = load_eval_config(args.config, args)
     if args.json and not args.question:
@@ -199,7 +211,8 @@ def run(args) -> int:
     if topk < 1:
         raise ConfigError(f"-r must be 1 or more, got {topk}")
     secret = who_may_call(args)
-    assistant = Assistant(cfg, topk, args.rag)
+    rerank_client = reranker_client(cfg, args)
+    assistant = Assistant(cfg, topk, args.rag, rerank_client)
     model = open_model(cfg, args)
     try:
         if args.web:
@@ -211,6 +224,8 @@ def run(args) -> int:
         return one_shot(assistant, model, args) if args.question else interactive(assistant, model, args)
     finally:
         model.close()
+        if rerank_client is not None:
+            rerank_client.close()
 
 
 def main(argv=None) -> int:

@@ -244,6 +244,11 @@ EVAL_SCHEMA: dict[str, Key] = {
     "bm25_stemming": Key(bool),
     "source_titles": Key(bool),
     "query_rewrite": Key(bool),
+    "reranker": Key(str),
+    "rerank_depth": Key(int, positive),
+    "rerank_weight": Key(float, probability),
+    "rerank_mode": Key(str, one_of("pointwise", "listwise")),
+    "rerank_max_tokens": Key(int, positive),
     "approximate_above": Key(int, positive),
     "index_cache": Key(str),
     "temperature": Key(float, non_negative),
@@ -270,6 +275,8 @@ EVAL_SCHEMA: dict[str, Key] = {
     "rag_prompt": Key(list, chat_messages("instruction")),
     "judge_prompt": Key(list, chat_messages("question", "gold_answer", "answer")),
     "groundedness_prompt": Key(list, chat_messages("documents", "answer")),
+    "rerank_prompt": Key(list, chat_messages("question", "passage")),
+    "rerank_list_prompt": Key(list, chat_messages("question", "passages")),
 }
 
 

@@ -43,6 +43,7 @@ from llm_client import ChatClient, public_host
 from raft_utils import instruction
 from refusal import is_refusal
 from text import final_answer
+from rerank import with_reranker
 from retrieval import KINDS, build_retrievers, load_embedder, settings_from_config
 
 DEFAULT_URL = "http://localhost:8000/v1"
@@ -64,6 +65,8 @@ def parse_args(argv):
     p.add_argument("-o", "--output", help="output folder")
     p.add_argument("--eval_file", help="JSON list of {question, answer}")
     p.add_argument("--retriever", help=f"one of {', '.join(KINDS)}")
+    p.add_argument("--reranker", help="none, llm, or a CrossEncoder name or folder (rerank.py)")
+    p.add_argument("--rerank_url", help="the model server of reranker llm (default: the judge's, -j)")
     p.add_argument("--limit", type=int, help="evaluate the first N questions only (a quick trial)")
     p.add_argument("--max_tokens", type=int, dest="answer_max_tokens", help="longest answer, in tokens")
     add_client_flags(p)
@@ -328,8 +331,9 @@ def evaluate(cfg, args, output: Path) -> int:
     loaded, chunks = load_run_chunks(cfg)
     topks = clamp_topks(cfg["rag_topk"], len(chunks))
     endpoints = open_endpoints(cfg, args, baselines, output)
+    rereader = reranker_client(cfg, args, output)
     try:
-        rankings, support = retrieve(cfg, questions, chunks, topks)
+        rankings, support = retrieve(cfg, questions, chunks, topks, rereader)
         given = given_chunks(chunks, rankings, topks)
         log = answer_questions(cfg, endpoints[:-1], questions, chunks, rankings, given)
         add_similarity(answer_entries(log), questions,
@@ -339,6 +343,8 @@ def evaluate(cfg, args, output: Path) -> int:
         raise LLMFatalError(f"{e} (replies so far are kept in {output / 'cache'}; run again to resume)") from None
     finally:
         close_all(endpoints)
+        if rereader is not None:
+            rereader.close()
     *systems, judge = endpoints
     settings = {"tool": "raft-toolkit", "version": TOOLKIT_VERSION, "questions": len(questions),
                 "eval_file": cfg["eval_file"], "sources": cfg["data_dir"] or cfg["xml_path"],
@@ -356,18 +362,32 @@ def evaluate(cfg, args, output: Path) -> int:
     return 0
 
 
-def retrieve(cfg, questions, chunks, topks) -> tuple[list, dict]:
-    """(each question's ranking with the configured retriever, answer-support recall of every retriever kind).
-    Every kind ranks the questions once, deep enough for the answers and the answer-support diagnostic."""
+def reranker_client(cfg, args, output: Path) -> Optional[ChatClient]:
+    """The model server of reranker llm (--rerank_url, else the judge's), checked; its replies cached in -o."""
+    if cfg["reranker"] != "llm":
+        return None
+    client = client_from_config(cfg, args, [args.rerank_url or args.judge_url], "", str(cache_file(output, "reranker")))
+    connect(client, args)
+    client.identify_model()
+    return client
+
+
+def retrieve(cfg, questions, chunks, topks, rereader=None) -> tuple[list, dict]:
+    """(each question's ranking with the configured retriever, reranked when a reranker is set; answer-support
+    recall of every retriever kind, and of the reranked one). Every kind ranks the questions once, deep enough for
+    the answers and the answer-support diagnostic."""
     retrievers = build_retrievers(chunks, [cfg["retriever"]] + [k for k in KINDS if k != cfg["retriever"]],
                                   cfg["embedding_model"], cfg["index_cache"] or None, cfg["embedding_batch_size"],
                                   cfg["embedding_dtype"], settings_from_config(cfg))
+    if cfg["reranker"] != "none":
+        retrievers = {f"{cfg['retriever']}+rerank": with_reranker(retrievers[cfg["retriever"]], chunks, cfg,
+                                                                  rereader), **retrievers}
     support_ks = sorted({k for k in SUPPORT_KS + tuple(topks) if k <= len(chunks)})
     by_kind = {kind: retriever.rank([q["question"] for q in questions], max(support_ks))
                for kind, retriever in retrievers.items()}
     support = {kind: {f"recall@{k}": metrics.support_recall(ranked, chunks, [q["answer"] for q in questions], k)
                       for k in support_ks} for kind, ranked in by_kind.items()}
-    return [ranking[:max(topks)] for ranking in by_kind[cfg["retriever"]]], support
+    return [ranking[:max(topks)] for ranking in by_kind[next(iter(retrievers))]], support
 
 
 def answer_questions(cfg, systems, questions, chunks, rankings, given) -> list[dict]:

@@ -35,6 +35,9 @@ def judge(body, n):
     prompt = body["messages"][-1]["content"]
     if prompt.startswith("Documents:"):
         return Reply(content=claims_of(prompt))
+    if "\nPassage: " in prompt:                   # the llm reranker: the gold answer's passage first
+        passage = prompt.split("\nPassage: ", 1)[1]
+        return Reply(content="9" if any(word in passage for word in ("42", "whale", "lanterns", "tiger")) else "1")
     question = prompt.split("Question: ", 1)[1].split("\n", 1)[0]
     answer = prompt.split("Answer to grade: ", 1)[1].split("\n", 1)[0]
     if answer == "a stone lion":
@@ -147,6 +150,15 @@ def test_full_run_exact_metrics_and_outputs(servers, eval_setup):
     assert "- student (unparseable): a stone lion" in text and "- base (YES): It is an amber tiger" in text
     for name in ("judge_score.png", "refusals.png", "precision.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_llm_reranker_rereads_the_top_candidates_with_the_judge(servers, eval_setup):
+    assert run_eval(servers, eval_setup, "-r", "2", "--reranker", "llm") == 0
+    result = json.loads((eval_setup[2] / "metrics.json").read_text())
+    assert list(result["retrieval"])[0] == "bm25+rerank" and "bm25" in result["retrieval"]
+    graded = [b for b in servers[2].requests if "\nPassage: " in b["messages"][-1]["content"]]
+    assert len(graded) == 4 * 4                  # 4 questions x the 4 chunks (rerank_depth 20, cut to the corpus)
+    assert (eval_setup[2] / "cache" / "reranker.sqlite").exists()
 
 
 def test_second_run_resumes_from_the_cache(servers, eval_setup):
