@@ -124,6 +124,21 @@ def distinct_chunk_sampler(chunk_of: list[int]):
     return DistinctChunkSampler
 
 
+def split_by_chunk(pairs: list[Pair], rng: random.Random) -> tuple[list[Pair], list[Pair]]:
+    """(held out, train): about a tenth of the pairs (at most MAX_HELD_OUT), whole chunks at a time, so that no
+    held-out sentence can be read inside a training passage of its own chunk (a split by pair inflated the "after"
+    figure: the model had seen the answer's text)."""
+    chunks = sorted({pair.chunk for pair in pairs})
+    rng.shuffle(chunks)
+    wanted, held = max(1, min(len(pairs) // 10, MAX_HELD_OUT)), set()
+    per_chunk = collections.Counter(pair.chunk for pair in pairs)
+    for chunk in chunks:
+        if sum(per_chunk[c] for c in held) >= wanted:
+            break
+        held.add(chunk)
+    return [p for p in pairs if p.chunk in held], [p for p in pairs if p.chunk not in held]
+
+
 def checked_chunks(held_out: list[Pair], chunks: list[str], rng: random.Random) -> list[str]:
     """The chunks the held-out check ranks: the held-out pairs' own, then others drawn at random, up to
     MAX_CHECKED_CHUNKS."""
@@ -183,8 +198,7 @@ def train(args) -> int:
         sources = ", ".join(filter(None, [args.documents, *(args.data_path or [])]))
         raise InputError(f"{sources} holds {len(pairs)} query/passage pairs: at least 10 are needed")
     rng.shuffle(pairs)
-    held = max(1, min(len(pairs) // 10, MAX_HELD_OUT))
-    held_out, train = pairs[:held], pairs[held:]
+    held_out, train = split_by_chunk(pairs, rng)
     chunks = sorted({pair.chunk for pair in pairs})
     position = {chunk: i for i, chunk in enumerate(chunks)}
     checked = checked_chunks(held_out, chunks, rng)

@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 import finetune.embeddings as embeddings
-from finetune.embeddings import KEEP_SENTENCE, Pair, checked_chunks, distinct_chunk_batches, document_pairs
+from finetune.embeddings import (KEEP_SENTENCE, Pair, checked_chunks, distinct_chunk_batches, document_pairs,
+                                 split_by_chunk)
 from documents import Chunk
 from retrieval import build_retrievers
 from tests.conftest import ROOT
@@ -123,3 +124,14 @@ def test_a_missing_documents_folder_or_no_source_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, SCRIPT, "--output", str(tmp_path / "m")], cwd=ROOT, capture_output=True,
                           text=True)
     assert done.returncode == 2 and "give --documents, --data_path or both" in done.stderr
+
+
+def test_the_held_out_pairs_are_whole_chunks_never_seen_in_training():
+    rng = random.Random(0)
+    chunks = [" ".join(f"Sentence {c}.{s} says the value of item {c} is {s * 7} units." for s in range(6))
+              for c in range(40)]
+    pairs = document_pairs(chunks, rng)
+    held_out, train = split_by_chunk(pairs, rng)
+    assert 0.09 <= len(held_out) / len(pairs) <= 0.2 and len(held_out) + len(train) == len(pairs)
+    assert not {p.chunk for p in held_out} & {p.chunk for p in train}
+    assert not any(h.query in t.passage for h in held_out for t in train)
