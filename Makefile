@@ -8,13 +8,15 @@
 #   make bench      the benchmarks: retrieval, fine-tuning (CPU), generation
 #   make embeddings the retriever's embedding model tuned on data/ itself (no LLM; ~6 min on 2 cores), into
 #                   models/minilm-docs: set embedding_model to it in raft_eval_config.yaml
+#   make reranker   a cross-encoder reranker trained on data/ itself (no LLM), into models/minilm-reranker: set
+#                   reranker to it in raft_eval_config.yaml
 PY := .venv/bin/python
 TEACHER_PORT ?= 8001
 RAFT_ARGS ?= -t 4
 DEMO_ARGS ?=
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup generate demo test bench embeddings
+.PHONY: setup generate demo test bench embeddings reranker
 
 setup: .venv/done
 	scripts/teacher.sh setup
@@ -46,3 +48,6 @@ bench: setup
 
 embeddings: setup
 	$(PY) finetune/embeddings.py --documents data --output models/minilm-docs
+
+reranker: setup
+	$(PY) finetune/reranker.py --documents data --output models/minilm-reranker

@@ -77,8 +77,9 @@ def test_evaluation_with_smollm2_as_model_and_judge(teacher_url, tmp_path):
     assert len(log) == 3 and all(len(row["retrieved"]) == 2 for row in log)
     assert all(row["systems"]["smollm2-135m-instruct"]["rag_top2"]["reply"].strip() for row in log)
     assert (tmp_path / "eval" / "report.md").exists() and (tmp_path / "eval" / "judge_score.png").exists()
-    # 6 answers and 9 control answers (each question's gold answer, another's, the refusal) were judged
-    assert "requests judge smollm2-135m-instruct: 15 sent" in done.stdout
+    # Verdicts on 6 answers and 12 controls (each question's gold answer, another's, the refusal, a near miss), and
+    # the claims of the 3 answers given documents and of the 3 gold answers with a fabricated sentence added
+    assert "requests judge smollm2-135m-instruct: 24 sent" in done.stdout
     calibration = result["judge_calibration"]
     assert calibration["right_controls"] == 3 and calibration["wrong_controls"] == 6
     assert "judge calibration (smollm2-135m-instruct, 9 control answers" in done.stdout

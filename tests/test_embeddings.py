@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import finetune.embeddings as embeddings
-from finetune.embeddings import (KEEP_SENTENCE, Pair, checked_chunks, distinct_chunk_batches, document_pairs,
-                                 split_by_chunk)
+from finetune.embeddings import checked_chunks, distinct_chunk_batches
+from finetune.pairs import KEEP_SENTENCE, Pair, document_pairs, split_by_chunk
 from documents import Chunk
 from retrieval import build_retrievers
 from tests.conftest import ROOT

@@ -108,3 +108,16 @@ def test_an_llm_reranker_needs_a_server():
     from errors import InputError
     with pytest.raises(InputError, match="--rerank_url"):
         with_reranker(build_retriever(CHUNKS, "bm25"), CHUNKS, {**CFG, "reranker": "llm"}, None)
+
+
+def test_a_cross_encoder_trained_on_the_documents_loads_as_a_reranker(tmp_path, capsys):
+    """finetune/reranker.py on a small corpus, one epoch: it writes a CrossEncoder folder the reranker loads."""
+    from finetune import reranker
+    from tests.conftest import write_corpus
+    corpus = write_corpus(tmp_path / "corpus", n_docs=2, paragraphs=2)
+    assert reranker.main(["--documents", str(corpus), "--output", str(tmp_path / "model"), "--negatives", "1",
+                          "--epochs", "1", "--check_depth", "3"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"held-out queries .* \d\.\d\d in its order, \d\.\d\d reranked", out)
+    scorer = CrossEncoderScorer(str(tmp_path / "model"))
+    assert len(scorer.scores("What is the batch size of model 0?", [c.text for c in CHUNKS])) == 4
