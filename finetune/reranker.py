@@ -29,6 +29,7 @@ from documents import Chunk, load_chunks  # noqa: E402
 from errors import InputError  # noqa: E402
 from finetune.pairs import Pair, document_pairs, raft_pairs, split_by_chunk  # noqa: E402
 from finetune.raft_dataset import load_records  # noqa: E402
+from hardware import compute_dtype  # noqa: E402
 from retrieval import DEFAULT_EMBEDDING_MODEL, build_retrievers, embedding_model_path  # noqa: E402
 
 
@@ -94,20 +95,22 @@ def train(args) -> int:
     from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
     model = CrossEncoder(embedding_model_path(args.base), num_labels=1, device="cpu")
+    dtype, why = compute_dtype("auto", "cpu")
     data = datasets.Dataset.from_dict(labelled(train_pairs, hard_negatives(train_pairs, train_chunks, args.negatives)))
     training = CrossEncoderTrainingArguments(
-        output_dir=str(Path(args.output) / "checkpoints"), num_train_epochs=args.epochs, learning_rate=args.lr,
-        per_device_train_batch_size=args.batch_size, warmup_steps=0.1, seed=args.seed, save_strategy="no",
-        report_to=[], logging_steps=20, use_cpu=True)
+        output_dir=args.output, num_train_epochs=args.epochs, learning_rate=args.lr,
+        per_device_train_batch_size=args.batch_size, warmup_steps=0.1, seed=args.seed, bf16=dtype == "bfloat16",
+        save_strategy="no", report_to=[], logging_steps=20, use_cpu=True)
     # Each query has one positive to `negatives` negatives: weigh the positives up, or the model learns the prior.
     loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(float(args.negatives)))
     CrossEncoderTrainer(model=model, args=training, train_dataset=data, loss=loss).train()
     model.save(args.output)
     hybrid_first, reranked_first = first_place_shares(model, held_out, chunks, args.check_depth)
     print(f"trained a cross-encoder from {args.base} on {len(train_pairs)} queries x (1 passage + {args.negatives} "
-          f"hard negatives) for {args.epochs} epochs; held-out queries ({len(held_out)}, of {len(held_chunks)} "
-          f"chunks never trained on) whose own chunk comes first among the hybrid's top {args.check_depth}: "
-          f"{hybrid_first:.2f} in its order, {reranked_first:.2f} reranked; the model is in {args.output}: set reranker to it")
+          f"hard negatives) for {args.epochs} epochs ({dtype}: {why}); held-out queries ({len(held_out)}, of "
+          f"{len(held_chunks)} chunks never trained on) whose own chunk comes first among the hybrid's top "
+          f"{args.check_depth}: {hybrid_first:.2f} in its order, {reranked_first:.2f} reranked; the model is in "
+          f"{args.output}: set reranker to it")
     return 0
 
 
