@@ -272,11 +272,12 @@ def questions_needed(difference: float, discordant: float) -> Optional[int]:
     return math.ceil(root * root / (d * d))
 
 
-def paired_comparison(first: Sequence[dict], second: Sequence[dict], resamples: np.ndarray) -> dict:
-    """The first system against the second on the same questions: judge-score difference (first - second) with
-    its paired-bootstrap 95% interval, the exact McNemar p-value, and the questions a difference of this size
-    would need to be detected."""
-    yes_a, yes_b = question_arrays(first)["yes"], question_arrays(second)["yes"]
+def paired_comparison(first: Sequence[dict], second: Sequence[dict], resamples: np.ndarray,
+                      metric: str = "yes") -> dict:
+    """The first system against the second on the same questions: the difference (first - second) of a right-or-
+    wrong metric (the judge's YES by default, or exact_match) with its paired-bootstrap 95% interval, the exact
+    McNemar p-value, and the questions a difference of this size would need to be detected."""
+    yes_a, yes_b = question_arrays(first)[metric], question_arrays(second)[metric]
     n = len(yes_a)
     b = int(((yes_a == 1) & (yes_b == 0)).sum())
     c = int(((yes_a == 0) & (yes_b == 1)).sum())

@@ -1,6 +1,7 @@
 """Does a reranker beat the fused ranking on every kind of question? Prints numbers; asserts nothing.
 
   HF_HUB_OFFLINE=1 .venv/bin/python bench/rerank.py --model PATH/TO/CROSS-ENCODER [--model ANOTHER ...]
+      [--embedding_model models/minilm-docs]
 
 For each cross-encoder given (a sentence-transformers CrossEncoder folder, such as ms-marco-MiniLM-L-6-v2, or the
 same training run with several seeds) over data/ with the shipped retriever settings:
@@ -8,8 +9,9 @@ recall@1/3/5/7 on the dev set's questions by kind (paraphrase, abbreviation, typ
 hold every passage the question needs) and on eval_llama.json's plain questions (found when the top k hold most of
 the gold answer's content words). The reranker's depth and weight are chosen by 5-fold cross-validation over the
 dev questions by the worst kind's mean recall (not the mean over all kinds): each dev question is scored with what
-the other folds chose, the plain questions with what all the dev questions chose. Last, what a query costs on this
-machine with and without the reranker.
+the other folds chose, the plain questions with what all the dev questions chose. With several models, their mean
+follows. `--embedding_model` puts a tuned bi-encoder (finetune/embeddings.py) in the hybrid's dense half. Last, what
+a query costs on this machine with and without the reranker.
 """
 import argparse
 import importlib.util
@@ -97,6 +99,14 @@ def print_row(name, retriever, row):
     print(f"{name:26} {retriever:34}" + "".join(f"{v:7.2f}" for v in row))
 
 
+def print_mean(runs: list[dict]):
+    """The mean over seeds of each question set's recall, with the lowest seed's value at k=5 beside it."""
+    for name in runs[0]:
+        rows = [run[name] for run in runs]
+        mean = [sum(values) / len(values) for values in zip(*rows)]
+        print_row(name, f"+ mean of {len(runs)} (lowest @5 {min(r[KS.index(5)] for r in rows):.2f})", mean)
+
+
 def cost(hybrid, scorer, chunks, questions):
     started = time.perf_counter()
     firsts = hybrid.rank(questions, max(DEPTHS))
@@ -112,23 +122,30 @@ def cost(hybrid, scorer, chunks, questions):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, help="a cross-encoder folder (repeat once per seed)")
+    p.add_argument("--embedding_model", help="the hybrid's embedding model (default: raft_eval_config.yaml's)")
     args = p.parse_args()
     cfg = load_config(str(ROOT / "raft_eval_config.yaml"), EVAL_SCHEMA)
+    cfg["embedding_model"] = args.embedding_model or cfg["embedding_model"]
     _, chunks, _ = load_chunks(str(ROOT / "data"), "", True, 1000)
     hybrid = build_retriever(chunks, "hybrid", cfg["embedding_model"], settings=settings_from_config(cfg))
     sets = question_sets(chunks)
     firsts = {name: hybrid.rank(questions, 50) for name, (questions, _) in sets.items()}
     print(f"{'question set':26} {'ranking':34}" + "".join(f"{'@' + str(k):>7}" for k in KS))
+    shipped = f"hybrid, {Path(args.embedding_model).name}" if args.embedding_model else "hybrid (the shipped default)"
     for name, (_, wanted) in sets.items():
-        print_row(name, "hybrid (the shipped default)", recall_row(name, firsts[name], wanted, chunks))
+        print_row(name, shipped, recall_row(name, firsts[name], wanted, chunks))
+    runs = []
     for model in args.model:
         scorer = CrossEncoderScorer(model)
         scores = {name: [scorer.scores(q, [chunks[i].text for i in first[:max(DEPTHS)]])
                          for q, first in zip(questions, firsts[name])] for name, (questions, _) in sets.items()}
         rows, (depth, weight) = cross_validated(sets, firsts, scores, chunks)
+        runs.append(rows)
         for name, row in rows.items():
             print_row(name, f"+ {Path(model).name}", row)
         print(f"  ({Path(model).name}: all dev questions choose depth {depth}, weight {weight})")
+    if len(runs) > 1:
+        print_mean(runs)
     cost(hybrid, CrossEncoderScorer(args.model[0]), chunks, sets[PLAIN][0])
 
 

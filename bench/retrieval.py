@@ -1,7 +1,8 @@
 """Retrieval benchmark: which retriever finds the answer on questions written the way users ask them, and at what
 cost. Prints numbers; asserts nothing.
 
-  HF_HUB_OFFLINE=1 .venv/bin/python bench/retrieval.py [--repeat 3] [--tuned_model DIR ...] [--large 200000]
+  HF_HUB_OFFLINE=1 .venv/bin/python bench/retrieval.py [--repeat 3] [--tuned_model DIR ...] [--reranker DIR]
+      [--large 200000]
 
 1. The dev set, eval/dev_questions.json: hand-written paraphrases, questions that need two chunks, abbreviations
    and typos, over data/ (its unanswerable questions are left out here). A question is found at k when its top-k
@@ -12,7 +13,9 @@ cost. Prints numbers; asserts nothing.
    the cross-validated hybrid again with each embedding model fine-tuned by finetune/embeddings.py (on the
    documents, or on RAFT data written without the dev questions).
 2. Cost: index build and query time of today's hybrid and of the tuned default, best of --repeat, and LangChain's
-   FAISS.from_documents + similarity_search as the reference.
+   FAISS.from_documents + similarity_search as the reference. With --reranker (a CrossEncoder folder or hub name),
+   the time a query adds when it rereads the tuned hybrid's top rerank_depth (raft_eval_config.yaml's) with it;
+   bench/rerank.py says whether it finds more.
 3. eval_llama.json's answer-support recall (questions that copy the documents' words), for continuity.
 4. --large N: the approximate (HNSW) index against the exact one on N synthetic unit vectors of the embedding's
    size: recall@10 of the approximate index, and the query time of both.
@@ -182,7 +185,7 @@ def dev_set(chunks, embedder, tuned_models, cache_dir):
 
 
 # ---- cost --------------------------------------------------------------------------------------------------------
-def cost(chunks, questions, repeat, chosen):
+def cost(chunks, questions, repeat, chosen, reranker):
     from langchain_community.embeddings import HuggingFaceEmbeddings
     from langchain_community.vectorstores import FAISS
     from langchain_core.documents import Document
@@ -210,7 +213,20 @@ def cost(chunks, questions, repeat, chosen):
         print(f"{name:40}{cold * 1000:9.0f} ms{warm * 1000:9.0f} ms{query * 1000:9.2f} ms/q")
     (_, cold0, warm0, query0), (_, cold1, warm1, query1) = rows
     print(f"tuned / today: build cold {cold1 / cold0:.2f}x, warm {warm1 / warm0:.2f}x, query {query1 / query0:.2f}x")
+    if reranker:
+        reranking_cost(chunks, questions, repeat, chosen, reranker, query1)
     return embedder
+
+
+def reranking_cost(chunks, questions, repeat, chosen, reranker, first_stage):
+    from config import EVAL_SCHEMA, load_config
+    from rerank import CrossEncoderScorer, Reranked
+    depth = load_config(str(ROOT / "raft_eval_config.yaml"), EVAL_SCHEMA)["rerank_depth"]
+    reranked = Reranked(build_retriever(chunks, "hybrid", settings=chosen), CrossEncoderScorer(reranker), chunks,
+                        depth, 0.5)
+    query = best_of(repeat, lambda: reranked.rank(questions, 5)) / len(questions)
+    print(f"{'+ reranking the top ' + str(depth) + ' (' + Path(reranker).name + ')':40}{'':>22}{query * 1000:9.2f} ms/q"
+          f"   ({query / first_stage:.0f}x the hybrid alone)")
 
 
 def eval_llama(chunks, chosen):
@@ -263,6 +279,7 @@ def main():
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--tuned_model", action="append", default=[],
                    help="an embedding model tuned by finetune/embeddings.py, measured beside (repeatable)")
+    p.add_argument("--reranker", help="a CrossEncoder folder or hub name whose cost per query is measured")
     p.add_argument("--large", type=int, default=200_000, help="synthetic vectors for the HNSW check (0: skip)")
     args = p.parse_args()
     chunks, _ = split_documents(load_documents(str(ROOT / "data"), "").documents, 1000)
@@ -270,7 +287,7 @@ def main():
         chosen = dev_set(chunks, Embedder(DEFAULT_EMBEDDING_MODEL), args.tuned_model, cache_dir)
     print(f"as config: {json.dumps({k: v for k, v in asdict(chosen).items() if k != 'approximate_above'})}")
     questions = [i["question"] for i in json.loads((ROOT / "eval" / "dev_questions.json").read_text())]
-    cost(chunks, questions, args.repeat, chosen)
+    cost(chunks, questions, args.repeat, chosen, args.reranker)
     eval_llama(chunks, chosen)
     if args.large:
         large(args.large)

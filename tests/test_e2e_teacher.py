@@ -1,4 +1,4 @@
-"""raft.py, raft_eval.py and chat.py against the real llama.cpp server with SmolLM2-135M-Instruct on data/ (about 3 minutes).
+"""raft.py, raft_eval.py, chat.py and the LLM reranker against the real llama.cpp server with SmolLM2-135M-Instruct on data/ (about 3 minutes).
 
 The server is started here with scripts/teacher.sh; `make setup` (or .ci/run) builds it and fetches the model.
 A 135M model writes loose output, so this checks the format of whatever it produced, never exact counts.
@@ -37,7 +37,7 @@ def test_generation_with_smollm2_on_the_demo_corpus(teacher_url, tmp_path):
     config.update(answer_max_tokens=320, question_max_tokens=160, refusal_probability=0.3)
     (tmp_path / "raft.yaml").write_text(yaml.safe_dump(config))
     cmd = [sys.executable, str(ROOT / "raft.py"), "-c", str(tmp_path / "raft.yaml"), "-u", teacher_url,
-           "-k", "EMPTY", "-t", "2", "--max_chunks", "8", "--data_dir", str(ROOT / "data"), "-o", str(tmp_path / "out")]
+           "-k", "EMPTY", "-t", "2", "--max_chunks", "4", "--data_dir", str(ROOT / "data"), "-o", str(tmp_path / "out")]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     records = [json.loads(line) for line in open(tmp_path / "out" / "raft.jsonl")]
@@ -99,3 +99,28 @@ def test_chat_with_smollm2(teacher_url):
     assert result["handoff"] == (done.returncode == 3) and len(result["sources"]) == 3
     # the hybrid retriever puts the serving guide among the three chunks
     assert any(s["source"].endswith("serving_llama.html") for s in result["sources"])
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "listwise"])
+def test_the_llm_reranker_with_smollm2(teacher_url, tmp_path, mode):
+    """Whatever a 135M model replies, every candidate gets a score, the order is a permutation of the first stage's,
+    an unreadable reply counts as such, and the same question again is answered from the cache."""
+    from config import EVAL_SCHEMA, load_config
+    from documents import load_chunks
+    from llm_client import ChatClient
+    from rerank import LLMScorer, Reranked
+    from retrieval import build_retriever
+    cfg = load_config(str(ROOT / "raft_eval_config.yaml"), EVAL_SCHEMA)
+    _, chunks, _ = load_chunks(str(ROOT / "data"), "", True, 1000)
+    client = ChatClient([teacher_url], model="smollm2-135m-instruct", cache_path=str(tmp_path / "rerank.sqlite"))
+    prompt = cfg["rerank_prompt" if mode == "pointwise" else "rerank_list_prompt"]
+    scorer = LLMScorer(client, mode, prompt, {"temperature": 0.0, "max_tokens": cfg["rerank_max_tokens"]})
+    first = build_retriever(chunks, "bm25")
+    reranked = Reranked(first, scorer, chunks, depth=4, weight=1.0)
+    question = "What port does the vLLM server listen on by default?"
+    order = reranked.rank([question], 6)[0]
+    assert sorted(order[:4]) == sorted(first.rank([question], 6)[0][:4]) and len(order) == 6
+    assert client.usage.sent == (4 if mode == "pointwise" else 1) and client.usage.failed == 0
+    assert 0 <= scorer.unreadable <= client.usage.sent
+    assert reranked.rank([question], 6)[0] == order and client.usage.sent == (4 if mode == "pointwise" else 1)
+    client.close()
