@@ -10,13 +10,15 @@
 #                   models/minilm-docs: set embedding_model to it in raft_eval_config.yaml
 #   make reranker   a cross-encoder reranker trained on data/ itself (no LLM), into models/minilm-reranker: set
 #                   reranker to it in raft_eval_config.yaml
+#   make raft-effect  does RAFT beat fine-tuning without distractors and the base model? The paper's ablation on
+#                   data/ with SmolLM2 (bench/raft_effect.py; docs/raft_effect.md), into output/raft_effect
 PY := .venv/bin/python
 TEACHER_PORT ?= 8001
 RAFT_ARGS ?= -t 4
 DEMO_ARGS ?=
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup generate demo test bench embeddings reranker
+.PHONY: setup generate demo test bench embeddings reranker raft-effect
 
 setup: .venv/done
 	scripts/teacher.sh setup
@@ -51,3 +53,6 @@ embeddings: setup
 
 reranker: setup
 	$(PY) finetune/reranker.py --documents data --output models/minilm-reranker
+
+raft-effect: setup
+	$(PY) bench/raft_effect.py

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from finetune.pairs import sentences
+from metrics import squad_normalise
 from raft_utils import QA
 
 BLANK = "____"
@@ -47,19 +48,19 @@ class Cloze:
 
 
 def whole_sentences(text: str) -> list[str]:
-    """The chunk's sentences that are whole (a capital first, a full stop last: a chunk's edges cut sentences), on
-    one line (a heading glued to a sentence is not one) and of a usable length."""
+    """The chunk's sentences that are whole (a capital first, a full stop, question or exclamation mark last: a
+    chunk's edges cut sentences), on one line (a heading glued to a sentence is not one) and of a usable length."""
     return [s for s in sentences(text) if s[0].isupper() and s[-1] in ".!?" and "\n" not in s
             and len(s.split()) <= MAX_SENTENCE_WORDS]
 
 
 def terms(sentence: str) -> list[str]:
     """Candidate terms of a sentence, in order: not its first word, two characters or more, at most MAX_TERM_WORDS
-    words, found once."""
+    words, found once, and not a word exact match throws away (a capitalised "An")."""
     found = []
     for match in _TERM.finditer(sentence):
         term = match.group(0).strip(" .,:;")
-        if match.start() == 0 or len(term) < 2 or len(term.split()) > MAX_TERM_WORDS:
+        if match.start() == 0 or len(term) < 2 or len(term.split()) > MAX_TERM_WORDS or not squad_normalise(term):
             continue
         if sentence.count(term) == 1 and term not in found:
             found.append(term)

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "bench"))      # after the project: bench/finetune.py is not finetune/
 
-from cloze import blanks  # noqa: E402
+from cloze import BLANK, blanks  # noqa: E402
 from config import Key, load_config_with_flags, non_negative, positive, positive_ints, probability  # noqa: E402
 from documents import load_chunks  # noqa: E402
 from errors import InputError  # noqa: E402
@@ -51,6 +51,7 @@ BASE_NAME = "base"
 QUESTION_KEYS = ("documents", "chunk_size", "held_out_share", "blanks_per_chunk", "train_questions", "test_questions",
                  "num_distract_docs", "oracle_probability", "seed")
 TRAINING_KEYS = ("recipe", "processes", "epochs", "lr", "seed")
+SAVE_EVERY = 25          # optimizer steps between checkpoints: a stopped training loses at most these
 TESTING_KEYS = ("rag_topk", "answer_tokens", "documents", "chunk_size", "seed")
 VARIANTS = ("raft", "raft_d0", "dsf")          # the model under test first, then the baselines
 PY = sys.executable
@@ -111,7 +112,10 @@ def build_data(cfg: dict, folder: Path) -> None:
     texts = [c.text for c in chunks]
     train_ids, held_ids = split_chunks(len(chunks), cfg["held_out_share"], cfg["seed"])
     train = capped(blanks(texts, train_ids, cfg["blanks_per_chunk"], cfg["seed"]), cfg["train_questions"], cfg["seed"])
-    test = capped(blanks(texts, held_ids, cfg["blanks_per_chunk"], cfg["seed"]), cfg["test_questions"], cfg["seed"])
+    # Chunks overlap a little: a held-out sentence also found whole in a training chunk is no test question.
+    unseen = [c for c in blanks(texts, held_ids, cfg["blanks_per_chunk"], cfg["seed"])
+              if not any(c.sentence in texts[i] for i in train_ids)]
+    test = capped(unseen, cfg["test_questions"], cfg["seed"])
     if len(train_ids) < cfg["num_distract_docs"] + 2 or not train or not test:
         raise InputError(f"{cfg['documents']}: {len(chunks)} chunks give {len(train)} training and {len(test)} test "
                          "questions: give more documents or a smaller chunk_size")
@@ -153,7 +157,8 @@ def data_card(cfg, chunks: int, train_ids, held_ids, train, test) -> str:
 # ---- train and convert -------------------------------------------------------------------------------------------
 def checksum(path: Path) -> str:
     import hashlib
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def kept_for(folder: Path, identity: dict) -> None:
@@ -167,21 +172,29 @@ def kept_for(folder: Path, identity: dict) -> None:
     record.write_text(json.dumps(identity, indent=1, sort_keys=True))
 
 
-def run_logged(cmd: list[str], log: Path, env: dict | None = None) -> None:
-    """Run a stage's command with its output in `log`; a failure names the log and shows its end."""
+def run_logged(cmd: list[str], log: Path) -> None:
+    """Run a stage's command with its output in `log`; a failure names the log and shows its end. The command runs
+    in a process group of its own, stopped whole if this script stops (torchrun's workers with it)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        done = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-    if done.returncode:
+        process = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode = process.wait()
+        except BaseException:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
+            raise
+    if returncode:
         tail = log.read_text(errors="replace").splitlines()[-15:]
-        raise SystemExit(f"[raft_effect] {Path(cmd[1]).name if len(cmd) > 1 else cmd[0]} failed (exit "
-                         f"{done.returncode}); the end of {log}:\n" + "\n".join(tail))
+        raise SystemExit(f"[raft_effect] {log.stem} failed (exit {returncode}); the end of {log}:\n" + "\n".join(tail))
 
 
 def unpack_base(gguf: str, folder: Path) -> None:
     """The base GGUF as a Hugging Face folder (dequantized), read once here instead of by each of the three
     trainings (reading a GGUF's tokenizer and tensors costs seconds to minutes)."""
+    import shutil
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    shutil.rmtree(folder, ignore_errors=True)        # nothing of an earlier base stays behind
     source = {"pretrained_model_name_or_path": str(Path(gguf).parent), "gguf_file": Path(gguf).name}
     AutoTokenizer.from_pretrained(**source).save_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(**source, quantization_config=GgufConfig(dequantize=True))
@@ -191,12 +204,14 @@ def unpack_base(gguf: str, folder: Path) -> None:
 def train(cfg: dict, variant: str, out: Path, base: str) -> None:
     """torchrun finetune/finetuning.py with the recipe, on this variant's rows; --resume continues a stopped run."""
     rows = out / "data" / f"{variant}.jsonl"
-    identity = {**{k: cfg[k] for k in TRAINING_KEYS}, "base": base, "rows": checksum(rows)}
+    identity = {**{k: cfg[k] for k in TRAINING_KEYS}, "base": base, "rows": checksum(rows),
+                "recipe content": checksum(Path(cfg["recipe"]))}
     kept_for(out / "checkpoints" / variant, identity)
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg["processes"]),
            str(ROOT / "finetune" / "finetuning.py"), "--config", cfg["recipe"],
            "--data_path", str(rows), "--num_epochs", str(cfg["epochs"]),
            "--max_steps", "0", "--lr", str(cfg["lr"]), "--seed", str(cfg["seed"]), "--resume", "true",
+           "--save_every", str(SAVE_EVERY),
            "--dist_checkpoint_root_folder", str(out / "checkpoints"), "--dist_checkpoint_folder", variant,
            "--model_name", str(out / "models" / "base-hf")]
     run_logged(cmd, out / "logs" / f"train_{variant}.log")
@@ -228,6 +243,13 @@ class Servers:
         self.models, self.urls, self.ports = models, {}, []
 
     def __enter__(self):
+        try:
+            return self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _start(self) -> dict[str, str]:
         for name, gguf in self.models.items():
             port = free_port()
             env = {**os.environ, "TEACHER_PORT": str(port), "TEACHER_MODEL": gguf, "TEACHER_ALIAS": name}
@@ -265,7 +287,7 @@ def evaluate(cfg: dict, out: Path, models: dict[str, str]) -> None:
         cmd = [PY, str(ROOT / "raft_eval.py"), "-c", str(eval_config(out)), "-m", VARIANTS[0],
                "-u", urls[VARIANTS[0]], "-j", urls[BASE_NAME], "--judge_model", BASE_NAME,
                "-r", *map(str, cfg["rag_topk"]),
-               "--eval_file", str(out / "data" / "test.json"), "--data_dir", cfg["documents"],
+               "--eval_file", str(out / "data" / "test.json"), "--data_dir", cfg["documents"], "--xml_path", "",
                "--chunk_size", str(cfg["chunk_size"]), "--max_tokens", str(cfg["answer_tokens"]),
                "--seed", str(cfg["seed"]), "--model_revision", checksums[VARIANTS[0]], "-o", str(out / "eval")]
         for name in (*VARIANTS[1:], BASE_NAME):
@@ -289,11 +311,15 @@ def outcome(row: dict, sentence: str) -> str:
         return OUTCOMES[0]
     if row["refusal"]:
         return OUTCOMES[1]
-    spans = [normalise(s) for s in quote_spans(row["reply"] or "") or [] if s.strip()]
+    # A quote counts as the sentence when it holds 4 words or more of it (the question's copy, blank and all,
+    # included: the words around the blank are the sentence's).
+    spans = [[normalise(part) for part in s.split(BLANK)] for s in quote_spans(row["reply"] or "") or [] if s.strip()]
     if not spans:
         return OUTCOMES[4]
     target = normalise(sentence)
-    return OUTCOMES[2] if any(s in target or target in s for s in spans) else OUTCOMES[3]
+    near = any(sum(len(part.split()) for part in parts) >= 4 and all(part in target for part in parts)
+               for parts in spans)
+    return OUTCOMES[2] if near else OUTCOMES[3]
 
 
 def f1_difference(first: list[dict], second: list[dict], resamples) -> dict:
@@ -383,8 +409,11 @@ def write_result(cfg: dict, out: Path) -> None:
 
 # ---- the stages --------------------------------------------------------------------------------------------------
 def base_gguf(cfg: dict, base_model: str | None) -> str:
+    """The student's GGUF: --base_model (from here), or the recipe's model_name (from the repository, where the
+    trainer runs)."""
     from config import FINETUNE_SCHEMA, load_recipe
-    model = base_model or load_recipe(cfg["recipe"], FINETUNE_SCHEMA, {})["model_name"]
+    model = str(Path(base_model).resolve()) if base_model else \
+        str(ROOT / load_recipe(cfg["recipe"], FINETUNE_SCHEMA, {})["model_name"])
     if not model.endswith(".gguf"):
         raise InputError(f"the base model {model!r} is not a .gguf file: llama.cpp serves the models here, so give "
                          "a GGUF (--base_model, or the recipe's model_name)")
@@ -397,6 +426,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config_with_flags(args.config, SCHEMA, args)
+        # The stages run in the repository: the paths a user gives are read from where the script was started.
+        cfg.update({key: str(Path(cfg[key]).resolve()) for key in ("documents", "output", "recipe")})
         base = base_gguf(cfg, args.base_model)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -405,7 +436,7 @@ def main(argv=None) -> int:
     stages = Stages(out, 4 + 2 * len(VARIANTS))
     stages.run("data", {k: cfg[k] for k in QUESTION_KEYS}, lambda: build_data(cfg, out / "data"))
     stages.run("base", {"base": base}, lambda: unpack_base(base, out / "models" / "base-hf"))
-    training = {k: cfg[k] for k in TRAINING_KEYS} | {"base": base}
+    training = {k: cfg[k] for k in TRAINING_KEYS} | {"base": base, "recipe content": checksum(Path(cfg["recipe"]))}
     for variant in VARIANTS:
         stages.run(f"train {variant}", training, lambda v=variant: train(cfg, v, out, base))
     for variant in VARIANTS:
