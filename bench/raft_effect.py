@@ -23,7 +23,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,8 @@ sys.path.append(str(ROOT / "bench"))      # after the project: bench/finetune.py
 from cloze import BLANK, blanks  # noqa: E402
 from config import Key, load_config_with_flags, non_negative, positive, positive_ints, probability  # noqa: E402
 from documents import load_chunks  # noqa: E402
+import format as formats  # noqa: E402
+from generation import free_port  # noqa: E402
 from errors import InputError  # noqa: E402
 from raft_utils import AssemblySettings, assemble, instruction  # noqa: E402
 
@@ -102,10 +103,6 @@ def capped(items: list, limit: int, seed: int) -> list:
     return items if not limit or len(items) <= limit else random.Random(seed).sample(items, limit)
 
 
-def write_jsonl(path: Path, records: list[dict]):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-
-
 def build_data(cfg: dict, folder: Path) -> None:
     """raft.jsonl, raft_d0.jsonl and dsf.jsonl (the same questions three ways), test.json and data_card.md."""
     _, chunks, _ = load_chunks(cfg["documents"], "", True, cfg["chunk_size"])
@@ -126,9 +123,9 @@ def build_data(cfg: dict, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, distractors in (("raft", cfg["num_distract_docs"]), ("raft_d0", 0)):
         settings = AssemblySettings(distractors, cfg["oracle_probability"], 0.0, "")
-        write_jsonl(folder / f"{name}.jsonl", assemble(qas, train_chunks, settings, cfg["seed"]))
-    write_jsonl(folder / "dsf.jsonl", [{"question": qa.question, "instruction": instruction([], qa.question),
-                                        "cot_answer": qa.cot_answer} for qa in qas])
+        formats.write(assemble(qas, train_chunks, settings, cfg["seed"]), str(folder / f"{name}.jsonl"))
+    formats.write([{"question": qa.question, "instruction": instruction([], qa.question),
+                   "cot_answer": qa.cot_answer} for qa in qas], str(folder / "dsf.jsonl"))
     (folder / "test.json").write_text(json.dumps([{"question": c.question, "answer": c.term, "sentence": c.sentence}
                                                        for c in test], indent=1))
     (folder / "data_card.md").write_text(data_card(cfg, len(chunks), train_ids, held_ids, train, test))
@@ -230,12 +227,6 @@ def convert(variant: str, out: Path) -> None:
 
 
 # ---- evaluate ----------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Servers:
     """A llama.cpp server per model (scripts/teacher.sh), stopped however the block ends."""
 
