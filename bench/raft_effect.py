@@ -13,7 +13,7 @@ Each, and the base model, answers the test questions (from held-out chunks) with
 and 5 chunks of the project's retriever (raft_eval.py against llama.cpp servers). Scored by exact match of the
 answer span, token F1 and quote support first, the 135M judge last; paired comparisons on the same questions.
 
-Stages: data, train x3, convert x3, evaluate, report. Each prints its progress; a finished stage is reused when the
+Stages: data, base, train x3, convert x3, test questions, evaluate, report. Each prints its progress; a finished stage is reused when the
 script runs again with the same settings (an interrupted one resumes: training from its last checkpoint, the
 evaluation from its reply cache). Prints numbers; asserts nothing. Writes <output>/raft_effect.md (the table, the
 comparisons, what the answers got wrong) and raft_effect.png.
@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,15 +46,16 @@ SCHEMA = {
     "blanks_per_chunk": Key(int, positive), "train_questions": Key(int, non_negative),
     "test_questions": Key(int, non_negative), "num_distract_docs": Key(int, positive),
     "oracle_probability": Key(float, probability), "recipe": Key(str), "processes": Key(int, positive),
-    "epochs": Key(int, positive), "lr": Key(float, positive), "rag_topk": Key(list, positive_ints),
+    "rows_per_step": Key(int, positive), "epochs": Key(int, positive), "lr": Key(float, positive), "rag_topk": Key(list, positive_ints),
     "answer_tokens": Key(int, positive), "seed": Key(int), "output": Key(str),
 }
 BASE_NAME = "base"
-QUESTION_KEYS = ("documents", "chunk_size", "held_out_share", "blanks_per_chunk", "train_questions", "test_questions",
-                 "num_distract_docs", "oracle_probability", "seed")
-TRAINING_KEYS = ("recipe", "processes", "epochs", "lr", "seed")
+SPLIT_KEYS = ("documents", "chunk_size", "held_out_share", "blanks_per_chunk", "seed")     # the chunks and questions
+QUESTION_KEYS = (*SPLIT_KEYS, "train_questions", "num_distract_docs", "oracle_probability")
+TRAINING_KEYS = ("recipe", "processes", "rows_per_step", "epochs", "lr", "seed")
 SAVE_EVERY = 25          # optimizer steps between checkpoints: a stopped training loses at most these
 TESTING_KEYS = ("rag_topk", "answer_tokens", "documents", "chunk_size", "seed")
+BASE_OUTTYPE = "q8_0"    # every model is served at the same quantization as the trained ones (convert_checkpoint)
 VARIANTS = ("raft", "raft_d0", "dsf")          # the model under test first, then the baselines
 PY = sys.executable
 
@@ -103,8 +105,19 @@ def capped(items: list, limit: int, seed: int) -> list:
     return items if not limit or len(items) <= limit else random.Random(seed).sample(items, limit)
 
 
-def build_data(cfg: dict, folder: Path) -> None:
-    """raft.jsonl, raft_d0.jsonl and dsf.jsonl (the same questions three ways), test.json and data_card.md."""
+@dataclass
+class Split:
+    """The documents' chunks, split into training and held-out chunks, and the questions cut from each part."""
+    chunks: list
+    train_ids: list[int]
+    held_ids: list[int]
+    train: list          # training questions (bench/cloze.Cloze), capped at train_questions
+    test: list           # test questions, capped at test_questions
+
+
+def split_questions(cfg: dict) -> Split:
+    """The same split and questions every time for the same settings (seeded): the data and the test stages each
+    make it, so a new number of test questions does not retrain the models."""
     _, chunks, _ = load_chunks(cfg["documents"], "", True, cfg["chunk_size"])
     texts = [c.text for c in chunks]
     train_ids, held_ids = split_chunks(len(chunks), cfg["held_out_share"], cfg["seed"])
@@ -116,29 +129,42 @@ def build_data(cfg: dict, folder: Path) -> None:
     if len(train_ids) < cfg["num_distract_docs"] + 2 or not train or not test:
         raise InputError(f"{cfg['documents']}: {len(chunks)} chunks give {len(train)} training and {len(test)} test "
                          "questions: give more documents or a smaller chunk_size")
+    return Split(chunks, train_ids, held_ids, train, test)
+
+
+def build_training(cfg: dict, folder: Path) -> None:
+    """raft.jsonl, raft_d0.jsonl and dsf.jsonl: the same training questions three ways."""
+    split = split_questions(cfg)
     # Distractors come from the training chunks only: no held-out chunk is ever read in training.
-    train_chunks = [chunks[i] for i in train_ids]
-    position = {chunk: n for n, chunk in enumerate(train_ids)}
-    qas = [cloze.qa(position[cloze.chunk_index]) for cloze in train]
+    train_chunks = [split.chunks[i] for i in split.train_ids]
+    position = {chunk: n for n, chunk in enumerate(split.train_ids)}
+    qas = [cloze.qa(position[cloze.chunk_index]) for cloze in split.train]
     folder.mkdir(parents=True, exist_ok=True)
     for name, distractors in (("raft", cfg["num_distract_docs"]), ("raft_d0", 0)):
         settings = AssemblySettings(distractors, cfg["oracle_probability"], 0.0, "")
         formats.write(assemble(qas, train_chunks, settings, cfg["seed"]), str(folder / f"{name}.jsonl"))
     formats.write([{"question": qa.question, "instruction": instruction([], qa.question),
                    "cot_answer": qa.cot_answer} for qa in qas], str(folder / "dsf.jsonl"))
+    print(f"[raft_effect]   {len(split.chunks)} chunks ({len(split.train_ids)} for training, {len(split.held_ids)} "
+          f"held out): {len(split.train)} training questions")
+
+
+def build_test(cfg: dict, folder: Path) -> None:
+    """test.json (question, gold answer, the sentence it was cut from) and data_card.md."""
+    split = split_questions(cfg)
     (folder / "test.json").write_text(json.dumps([{"question": c.question, "answer": c.term, "sentence": c.sentence}
-                                                       for c in test], indent=1))
-    (folder / "data_card.md").write_text(data_card(cfg, len(chunks), train_ids, held_ids, train, test))
-    print(f"[raft_effect]   {len(chunks)} chunks ({len(train_ids)} for training, {len(held_ids)} held out): "
-          f"{len(train)} training questions, {len(test)} test questions")
+                                                       for c in split.test], indent=1))
+    (folder / "data_card.md").write_text(data_card(cfg, split))
+    print(f"[raft_effect]   {len(split.test)} test questions from {len({c.chunk_index for c in split.test})} "
+          "held-out chunks")
 
 
-def data_card(cfg, chunks: int, train_ids, held_ids, train, test) -> str:
-    example = train[0]
+def data_card(cfg, split: Split) -> str:
+    train, test, example = split.train, split.test, split.train[0]
     return "\n".join([
         "# The experiment's data", "",
-        f"Documents: `{cfg['documents']}`, {chunks} chunks of {cfg['chunk_size']} characters; {len(held_ids)} "
-        f"held out whole (seed {cfg['seed']}), {len(train_ids)} for training.", "",
+        f"Documents: `{cfg['documents']}`, {len(split.chunks)} chunks of {cfg['chunk_size']} characters; "
+        f"{len(split.held_ids)} held out whole (seed {cfg['seed']}), {len(split.train_ids)} for training.", "",
         "Questions are cut from the documents without an LLM (bench/cloze.py): a whole sentence of a chunk with its "
         "rarest term blanked out. The gold answer is the term; the training answer quotes the sentence, so it quotes "
         "its oracle chunk exactly.", "",
@@ -186,20 +212,37 @@ def run_logged(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"[raft_effect] {log.stem} failed (exit {returncode}); the end of {log}:\n" + "\n".join(tail))
 
 
-def unpack_base(gguf: str, folder: Path) -> None:
+def unpack_base(gguf: str, models: Path) -> None:
     """The base GGUF as a Hugging Face folder (dequantized), read once here instead of by each of the three
-    trainings (reading a GGUF's tokenizer and tensors costs seconds to minutes)."""
+    trainings (reading a GGUF's tokenizer and tensors costs seconds to minutes); and that folder back as a GGUF of
+    the trained models' type, so the base model is served as they are (the shipped Q4_1 file is also about 1.5
+    times slower to read a prompt with on an AVX2 CPU)."""
     import shutil
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from finetune.checkpoint_converter import to_gguf
+    folder = models / "base-hf"
     shutil.rmtree(folder, ignore_errors=True)        # nothing of an earlier base stays behind
     source = {"pretrained_model_name_or_path": str(Path(gguf).parent), "gguf_file": Path(gguf).name}
     AutoTokenizer.from_pretrained(**source).save_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(**source, quantization_config=GgufConfig(dequantize=True))
     model.save_pretrained(folder)
+    to_gguf(folder, str(models / f"{BASE_NAME}.gguf"), BASE_OUTTYPE)
+
+
+def accumulation_steps(cfg: dict) -> int:
+    """Batches whose gradients make one optimizer step, so that a step takes rows_per_step rows however many
+    processes share it (the same steps and the same mean gradient on 1 process as on 2)."""
+    from config import FINETUNE_SCHEMA, load_recipe
+    per_batch = cfg["processes"] * load_recipe(cfg["recipe"], FINETUNE_SCHEMA, {})["batch_size_training"]
+    if cfg["rows_per_step"] % per_batch:
+        raise InputError(f"rows_per_step {cfg['rows_per_step']} is not a multiple of processes x the recipe's "
+                         f"batch_size_training ({per_batch}): change one of them")
+    return cfg["rows_per_step"] // per_batch
 
 
 def train(cfg: dict, variant: str, out: Path, base: str) -> None:
-    """torchrun finetune/finetuning.py with the recipe, on this variant's rows; --resume continues a stopped run."""
+    """torchrun finetune/finetuning.py with the recipe, on this variant's rows; --resume continues a stopped run.
+    FSDP only with more than one process: on one it would shard nothing and only cost time."""
     rows = out / "data" / f"{variant}.jsonl"
     identity = {**{k: cfg[k] for k in TRAINING_KEYS}, "base": base, "rows": checksum(rows),
                 "recipe content": checksum(Path(cfg["recipe"]))}
@@ -208,6 +251,8 @@ def train(cfg: dict, variant: str, out: Path, base: str) -> None:
            str(ROOT / "finetune" / "finetuning.py"), "--config", cfg["recipe"],
            "--data_path", str(rows), "--num_epochs", str(cfg["epochs"]),
            "--max_steps", "0", "--lr", str(cfg["lr"]), "--seed", str(cfg["seed"]), "--resume", "true",
+           "--gradient_accumulation_steps", str(accumulation_steps(cfg)),
+           "--enable_fsdp", str(cfg["processes"] > 1).lower(),
            "--save_every", str(SAVE_EVERY),
            "--dist_checkpoint_root_folder", str(out / "checkpoints"), "--dist_checkpoint_folder", variant,
            "--model_name", str(out / "models" / "base-hf")]
@@ -420,19 +465,22 @@ def main(argv=None) -> int:
         # The stages run in the repository: the paths a user gives are read from where the script was started.
         cfg.update({key: str(Path(cfg[key]).resolve()) for key in ("documents", "output", "recipe")})
         base = base_gguf(cfg, args.base_model)
+        accumulation_steps(cfg)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(cfg["output"])
-    stages = Stages(out, 4 + 2 * len(VARIANTS))
-    stages.run("data", {k: cfg[k] for k in QUESTION_KEYS}, lambda: build_data(cfg, out / "data"))
-    stages.run("base", {"base": base}, lambda: unpack_base(base, out / "models" / "base-hf"))
+    stages = Stages(out, 5 + 2 * len(VARIANTS))
+    stages.run("data", {k: cfg[k] for k in QUESTION_KEYS}, lambda: build_training(cfg, out / "data"))
+    stages.run("base", {"base": base, "served as": BASE_OUTTYPE}, lambda: unpack_base(base, out / "models"))
     training = {k: cfg[k] for k in TRAINING_KEYS} | {"base": base, "recipe content": checksum(Path(cfg["recipe"]))}
     for variant in VARIANTS:
         stages.run(f"train {variant}", training, lambda v=variant: train(cfg, v, out, base))
     for variant in VARIANTS:
         stages.run(f"convert {variant}", {}, lambda v=variant: convert(v, out))
-    models = {**{v: str(out / "models" / f"{v}.gguf") for v in VARIANTS}, BASE_NAME: base}
+    stages.run("test questions", {k: cfg[k] for k in (*QUESTION_KEYS, "test_questions")},
+               lambda: build_test(cfg, out / "data"))
+    models = {name: str(out / "models" / f"{name}.gguf") for name in (*VARIANTS, BASE_NAME)}
     testing = {k: cfg[k] for k in TESTING_KEYS}
     stages.run("evaluate", testing, lambda: evaluate(cfg, out, models))
     stages.run("report", {}, lambda: write_result(cfg, out))

@@ -1,6 +1,7 @@
 """bench/raft_effect.py's whole path on tiny sizes: LLM-free questions, three fine-tunes with torchrun, GGUF
-conversion, four llama.cpp servers, raft_eval.py, the report; then a second run that reuses every stage. The student
-is a 2-layer random Llama (conftest's tiny_model) as GGUF, so its answers are noise: this checks the mechanics."""
+conversion, four llama.cpp servers, raft_eval.py, the report; then a run with fewer test questions that keeps the
+trainings, and one that reuses every stage. The student is a 2-layer random Llama (conftest's tiny_model) as GGUF,
+so its answers are noise: this checks the mechanics."""
 import json
 import subprocess
 import sys
@@ -43,7 +44,7 @@ def test_the_whole_experiment_on_tiny_sizes(tiny_gguf, tmp_path):
            "--processes", "1", "--output", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "4 test questions" in done.stdout and "10/10 report" in done.stdout
+    assert "4 test questions" in done.stdout and "11/11 report" in done.stdout
     test = json.loads((out / "data" / "test.json").read_text())
     assert len(test) == 4 and all(item["sentence"].replace(item["answer"], "____", 1) in item["question"]
                                   for item in test)
@@ -60,5 +61,11 @@ def test_the_whole_experiment_on_tiny_sizes(tiny_gguf, tmp_path):
     assert "| raft | RAG top-1 |" in report and "## What became of the answers" in report
     assert (out / "raft_effect.png").stat().st_size > 0
 
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("reused") == 10
+    # Fewer test questions: the data, the base model, the trainings and conversions are kept; only the test runs.
+    fewer = cmd + ["--test_questions", "3"]
+    again = subprocess.run(fewer, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert again.stdout.count("reused") == 8 and "11/11 report ..." in again.stdout
+    assert len((out / "eval" / "questions.jsonl").read_text().splitlines()) == 3
+    once_more = subprocess.run(fewer, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert once_more.returncode == 0 and once_more.stdout.count("reused") == 11
