@@ -50,6 +50,9 @@ def test_quick_demo_writes_every_artefact(demo):
     run = folder / "checkpoints" / "raft-smollm2"
     metrics = json.loads((run / "metrics.json").read_text())
     assert len(metrics["steps"]) >= 1 and (run / "latest.json").exists() and (run / "loss.png").exists()
+    # SmolLM2 read from its GGUF and trained with 2 FSDP ranks: a trained model's loss, far below the ln(49152) =
+    # 10.8 of a random one (the dequantized weights arrived whole).
+    assert 0 < metrics["steps"][0]["train_loss"] < 10
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     hf = folder / "raft-smollm2-hf"

@@ -8,7 +8,7 @@ import torch
 
 from finetune.finetuning import forward_loss_sum
 from finetune.raft_dataset import collate, encode, pack, unpacked
-from tests.conftest import GGUF, ROOT
+from tests.conftest import ROOT
 
 FINETUNE = str(ROOT / "finetune" / "finetuning.py")
 
@@ -128,17 +128,6 @@ def test_bad_input_is_one_message_from_rank_zero(tiny_model, tmp_path):
     plain = subprocess.run([sys.executable, FINETUNE, "--model_name", str(tiny_model), "--data_path", str(tmp_path / "x"),
                             "--dist_checkpoint_root_folder", str(tmp_path / "c")], capture_output=True, text=True)
     assert plain.returncode == 2 and plain.stderr.strip().splitlines()[-1].startswith("error: data file")
-
-
-def test_smoke_real_smollm2_from_its_gguf(tmp_path):
-    """The real 135M model, dequantized from the teacher's GGUF, for one step with 2 ranks at sequence 256."""
-    data = write_records(tmp_path / "raft.jsonl", n=6)
-    run = torchrun("--enable_fsdp", "--model_name", str(GGUF), "--data_path", data, "--context_length", "256",
-                   "--max_steps", "1", "--run_validation", "False", "--dist_checkpoint_root_folder", str(tmp_path / "c"),
-                   "--dist_checkpoint_folder", "smollm2", "--log_every", "1")
-    assert run.returncode == 0, failure(run)
-    [step] = json.loads((tmp_path / "c" / "smollm2" / "metrics.json").read_text())["steps"]
-    assert 0 < step["train_loss"] < 10          # a trained model: far below ln(49152) = 10.8 of a random one
 
 
 def test_lora_trains_only_the_adapter_and_converts_to_adapter_and_merged_model(tiny_model, tmp_path):
