@@ -13,10 +13,10 @@ Each, and the base model, answers the test questions (from held-out chunks) with
 and 5 chunks of the project's retriever (raft_eval.py against llama.cpp servers). Scored by exact match of the
 answer span, token F1 and quote support first, the 135M judge last; paired comparisons on the same questions.
 
-Stages: data, base, train x3, convert x3, test questions, evaluate, report. Each prints its progress; a finished stage is reused when the
-script runs again with the same settings (an interrupted one resumes: training from its last checkpoint, the
-evaluation from its reply cache). Prints numbers; asserts nothing. Writes <output>/raft_effect.md (the table, the
-comparisons, what the answers got wrong) and raft_effect.png.
+Stages: data, base, train x3, convert x3, test questions, evaluate, report. Each prints its progress; a finished
+stage is reused when the script runs again with the same settings (an interrupted one resumes: training from its
+last checkpoint, the evaluation from its reply cache). Prints numbers; asserts nothing. Writes
+<output>/raft_effect.md (the table, the comparisons, what the answers got wrong) and raft_effect.png.
 """
 import argparse
 import json
@@ -46,11 +46,12 @@ SCHEMA = {
     "blanks_per_chunk": Key(int, positive), "train_questions": Key(int, non_negative),
     "test_questions": Key(int, non_negative), "num_distract_docs": Key(int, positive),
     "oracle_probability": Key(float, probability), "recipe": Key(str), "processes": Key(int, positive),
-    "rows_per_step": Key(int, positive), "epochs": Key(int, positive), "lr": Key(float, positive), "rag_topk": Key(list, positive_ints),
+    "rows_per_step": Key(int, positive), "epochs": Key(int, positive), "lr": Key(float, positive),
+    "rag_topk": Key(list, positive_ints),
     "answer_tokens": Key(int, positive), "seed": Key(int), "output": Key(str),
 }
 BASE_NAME = "base"
-SPLIT_KEYS = ("documents", "chunk_size", "held_out_share", "blanks_per_chunk", "seed")     # the chunks and questions
+SPLIT_KEYS = ("documents", "chunk_size", "held_out_share", "blanks_per_chunk", "seed")     # chunks, split, questions
 QUESTION_KEYS = (*SPLIT_KEYS, "train_questions", "num_distract_docs", "oracle_probability")
 TRAINING_KEYS = ("recipe", "processes", "rows_per_step", "epochs", "lr", "seed")
 SAVE_EVERY = 25          # optimizer steps between checkpoints: a stopped training loses at most these
@@ -240,12 +241,16 @@ def accumulation_steps(cfg: dict) -> int:
     return cfg["rows_per_step"] // per_batch
 
 
+def training_settings(cfg: dict, base: str) -> dict:
+    """What a training depends on besides its rows: the training keys, the base model, the recipe's content."""
+    return {**{k: cfg[k] for k in TRAINING_KEYS}, "base": base, "recipe content": checksum(Path(cfg["recipe"]))}
+
+
 def train(cfg: dict, variant: str, out: Path, base: str) -> None:
     """torchrun finetune/finetuning.py with the recipe, on this variant's rows; --resume continues a stopped run.
     FSDP only with more than one process: on one it would shard nothing and only cost time."""
     rows = out / "data" / f"{variant}.jsonl"
-    identity = {**{k: cfg[k] for k in TRAINING_KEYS}, "base": base, "rows": checksum(rows),
-                "recipe content": checksum(Path(cfg["recipe"]))}
+    identity = {**training_settings(cfg, base), "rows": checksum(rows)}
     kept_for(out / "checkpoints" / variant, identity)
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg["processes"]),
            str(ROOT / "finetune" / "finetuning.py"), "--config", cfg["recipe"],
@@ -473,12 +478,11 @@ def main(argv=None) -> int:
     stages = Stages(out, 5 + 2 * len(VARIANTS))
     stages.run("data", {k: cfg[k] for k in QUESTION_KEYS}, lambda: build_training(cfg, out / "data"))
     stages.run("base", {"base": base, "served as": BASE_OUTTYPE}, lambda: unpack_base(base, out / "models"))
-    training = {k: cfg[k] for k in TRAINING_KEYS} | {"base": base, "recipe content": checksum(Path(cfg["recipe"]))}
     for variant in VARIANTS:
-        stages.run(f"train {variant}", training, lambda v=variant: train(cfg, v, out, base))
+        stages.run(f"train {variant}", training_settings(cfg, base), lambda v=variant: train(cfg, v, out, base))
     for variant in VARIANTS:
         stages.run(f"convert {variant}", {}, lambda v=variant: convert(v, out))
-    stages.run("test questions", {k: cfg[k] for k in (*QUESTION_KEYS, "test_questions")},
+    stages.run("test questions", {k: cfg[k] for k in (*SPLIT_KEYS, "test_questions")},
                lambda: build_test(cfg, out / "data"))
     models = {name: str(out / "models" / f"{name}.gguf") for name in (*VARIANTS, BASE_NAME)}
     testing = {k: cfg[k] for k in TESTING_KEYS}
