@@ -121,3 +121,40 @@ def test_a_cross_encoder_trained_on_the_documents_loads_as_a_reranker(tmp_path, 
     assert re.search(r"held-out queries .* \d\.\d\d in its order, \d\.\d\d reranked", out)
     scorer = CrossEncoderScorer(str(tmp_path / "model"))
     assert len(scorer.scores("What is the batch size of model 0?", [c.text for c in CHUNKS])) == 4
+
+
+def shared_words_first(body, n):
+    """A scripted listwise reranker: the passages' numbers, most words shared with the question first."""
+    prompt = body["messages"][-1]["content"]
+    question = set(re.findall(r"\w+", prompt.split("Question: ", 1)[1].split("\n", 1)[0].lower()))
+    passages = re.findall(r"^\[(\d+)\] (.*)$", prompt, flags=re.M)
+    ranked = sorted(passages, key=lambda p: -len(question & set(re.findall(r"\w+", p[1].lower()))))
+    return Reply(content=", ".join(number for number, _ in ranked))
+
+
+def test_the_rerank_benchmark_measures_the_llm_reranker_on_every_question_set_and_reruns_from_its_cache(tmp_path,
+                                                                                                     capsys):
+    """bench/rerank.py --llm against the scripted server: one listwise request per question of every set, a row per
+    set, the cost; the second run reads every reply from its cache."""
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location("rerank_bench", ROOT / "bench" / "rerank.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    dev = [i for i in json.loads((ROOT / "eval" / "dev_questions.json").read_text()) if i["support"]]
+    questions = len(dev) + len(json.loads((ROOT / "eval_llama.json").read_text()))
+    outputs = []
+    with FakeOpenAI(models=("judge",)) as judge:
+        judge.script = shared_words_first
+        for _ in range(2):
+            assert bench.main(["--llm", judge.url, "--llm_mode", "listwise", "--llm_depth", "10",
+                               "--cache", str(tmp_path / "rerank.sqlite")]) == 0
+            outputs.append(capsys.readouterr().out)
+    assert len(judge.requests) == questions                            # the second run asked nothing
+    assert all(len(re.findall(r"^\[\d+\] ", r["messages"][-1]["content"], flags=re.M)) == 10 for r in judge.requests)
+    for out in outputs:
+        rows = re.findall(r"^(dev: \w+|plain \(eval_llama.json\)) +\+ llm listwise((?: +[01]\.\d\d){4})$", out, re.M)
+        assert len(rows) == len({i["kind"] for i in dev}) + 1
+        assert all(row == sorted(row) for row in ([float(v) for v in r.split()] for _, r in rows))   # @1 <= ... @7
+        assert re.search(r"llm listwise +its top 10: +\d+\.\d ms more", out)
+    assert "0 replies unreadable" in outputs[0] and f"{questions} replies came from the cache" in outputs[1]
