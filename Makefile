@@ -1,12 +1,13 @@
 # The toolkit's entry points. Each target can be re-run; setup skips what is already there.
 #   make setup      .venv for the toolkit, llama.cpp's llama-server built in .venv-teacher, and the model
+#   make teacher    only the second half of setup: llama-server in .venv-teacher and the model
 #   make generate   RAFT data from data/ with the local teacher (SmolLM2 on llama.cpp), into output/
 #                   (RAFT_ARGS="-t 2 --max_chunks 10" for a quick look)
 #   make demo       the whole recipe on this CPU: data, fine-tune, convert, serve, evaluate, report (6 to 15 min
 #                   after setup by CPU: docs/demo.md; DEMO_ARGS=--quick: about 4)
 #   make test       the test suite (what CI runs); installs Debian's chromium for the browser test if missing
 #   make bench      the benchmarks: retrieval, fine-tuning (CPU), generation
-#   make embeddings the retriever's embedding model tuned on data/ itself (no LLM; ~6 min on 2 cores), into
+#   make embeddings the retriever's embedding model tuned on data/ itself (no LLM; 6-15 min on 2 cores), into
 #                   models/minilm-docs: set embedding_model to it in raft_eval_config.yaml
 #   make reranker   a cross-encoder reranker trained on data/ itself (no LLM), into models/minilm-reranker: set
 #                   reranker to it in raft_eval_config.yaml
@@ -18,9 +19,14 @@ RAFT_ARGS ?= -t 4
 DEMO_ARGS ?=
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup generate demo test bench embeddings reranker raft-effect
+.PHONY: setup teacher generate demo test bench embeddings reranker raft-effect
 
-setup: .venv/done
+# The two environments do not depend on each other: made side by side, the toolkit's pip installs (mostly waiting
+# on the disk and the network) overlap llama.cpp's compile instead of adding to it.
+setup:
+	$(MAKE) --no-print-directory -j2 --output-sync=line .venv/done teacher
+
+teacher:
 	scripts/teacher.sh setup
 
 # pip -qq: errors only; a pip whose config names absent package folders otherwise warns once per package.
