@@ -96,7 +96,7 @@ build_server() {
   # GGML_NATIVE=OFF: a portable x86-64 build (AVX2, FMA, F16C) that runs on CPUs with and without AVX-512, and
   #   stays off the AMX path that crashed at the first generated token on the Intel dev box.
   # No web UI, TLS or curl: the server only answers the API on 127.0.0.1, and the build needs no network.
-  echo "setup: building llama-server (takes ~5 min on 2 cores)"
+  echo "setup: building llama-server (takes 5-10 min on 2 cores)"
   "$cmake" -S "$SRC_DIR" -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=OFF \
     -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >"$DIR/build.log" 2>&1
