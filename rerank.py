@@ -27,6 +27,8 @@ from retrieval import RRF_K, Ranker, embedding_model_path
 class Scorer(Protocol):
     def scores(self, query: str, passages: Sequence[str]) -> list[float]: ...
 
+    def scores_of(self, items: list[tuple[str, list[str]]]) -> list[list[float]]: ...
+
 
 class CrossEncoderScorer:
     """A sentence-transformers CrossEncoder: one relevance score per (question, passage) pair, in batches."""
@@ -43,6 +45,9 @@ class CrossEncoderScorer:
     def scores(self, query: str, passages: Sequence[str]) -> list[float]:
         return [float(s) for s in self.model.predict([(query, p) for p in passages], batch_size=self.batch_size,
                                                      show_progress_bar=False)]
+
+    def scores_of(self, items: list[tuple[str, list[str]]]) -> list[list[float]]:
+        return [self.scores(query, passages) for query, passages in items]
 
 
 _NUMBER = re.compile(r"\b(10|[0-9])(?:\.\d+)?\b")
@@ -111,10 +116,7 @@ class Reranked:
     def rank(self, queries: Sequence[str], depth: int) -> list[list[int]]:
         firsts = self.inner.rank(queries, max(depth, self.depth))
         heads = [(q, [self.chunks[i].text for i in first[:self.depth]]) for q, first in zip(queries, firsts)]
-        if isinstance(self.scorer, LLMScorer):
-            scores = self.scorer.scores_of(heads)
-        else:
-            scores = [self.scorer.scores(q, passages) for q, passages in heads]
+        scores = self.scorer.scores_of(heads)
         return [(mixed_order(first[:self.depth], s, self.weight) + list(first[self.depth:]))[:depth]
                 for first, s in zip(firsts, scores)]
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import metrics  # noqa: E402
-from cli import client_from_config, run_main  # noqa: E402
+from cli import client_from_config, connect, run_main  # noqa: E402
 from config import EVAL_SCHEMA, load_config  # noqa: E402
 from documents import load_chunks  # noqa: E402
 from rerank import CrossEncoderScorer, LLMScorer, mixed_order  # noqa: E402
@@ -120,10 +120,7 @@ def scored(scorer, sets, firsts, chunks, depth) -> tuple[dict, float]:
     scores = {}
     for name, (questions, _) in sets.items():
         heads = [(q, [chunks[i].text for i in first[:depth]]) for q, first in zip(questions, firsts[name])]
-        if isinstance(scorer, LLMScorer):       # every question of the set in one pass: the server's slots all busy
-            scores[name] = scorer.scores_of(heads)
-        else:
-            scores[name] = [scorer.scores(q, passages) for q, passages in heads]
+        scores[name] = scorer.scores_of(heads)      # an LLM gets the whole set at once: the server's slots all busy
     return scores, time.perf_counter() - started
 
 
@@ -131,7 +128,7 @@ def llm_client(args, cfg):
     """A client of the --llm server, checked, its replies cached in --cache."""
     Path(args.cache).parent.mkdir(parents=True, exist_ok=True)
     client = client_from_config(cfg, args, [args.llm], "", args.cache)
-    client.model = client.preflight()
+    connect(client, args)
     client.identify_model()
     return client
 
@@ -143,14 +140,15 @@ def llm_contenders(client, args, cfg) -> list[tuple[str, LLMScorer, int]]:
     return [(f"llm {mode}", LLMScorer(client, mode, prompts[mode], params), args.llm_depth) for mode in args.llm_mode]
 
 
-def print_cost(hybrid, questions, costs: dict):
-    """What a query costs: the hybrid alone (timed here), and each reranker on top (timed while it scored)."""
+def print_cost(hybrid, questions, costs: dict, asked: int):
+    """What a query costs: the hybrid alone (timed here), and each reranker on top (timed while it scored the
+    `asked` questions)."""
     started = time.perf_counter()
     hybrid.rank(questions, max(DEPTHS))
     first_stage = (time.perf_counter() - started) / len(questions)
     print(f"\ncost per query on this machine: hybrid {1000 * first_stage:.1f} ms; reranking on top of it:")
-    for name, (seconds, count, depth, note) in costs.items():
-        per_query = seconds / count
+    for name, (seconds, depth, note) in costs.items():
+        per_query = seconds / asked
         print(f"  {name:32} its top {depth}: {1000 * per_query:8.1f} ms more "
               f"({(first_stage + per_query) / first_stage:.0f}x){note}")
 
@@ -200,15 +198,13 @@ def compare(args) -> int:
             print_row(set_name, f"+ {name}", row)
         note = f" ({scorer.unreadable} replies unreadable)" if isinstance(scorer, LLMScorer) else ""
         print(f"  ({name}: all dev questions choose depth {chosen_depth}, weight {weight}{note})")
-        if isinstance(scorer, LLMScorer):
-            cached = scorer.client.usage.cached - cached_before
-            costs[name] = (seconds, asked, depth, f"; {cached} replies came from the cache" if cached else "")
-        else:
+        cached = scorer.client.usage.cached - cached_before if isinstance(scorer, LLMScorer) else 0
+        costs[name] = (seconds, depth, f"; {cached} replies came from the cache" if cached else "")
+        if not isinstance(scorer, LLMScorer):
             cross_encoder_runs.append(rows)
-            costs[name] = (seconds, asked, depth, "")
     if len(cross_encoder_runs) > 1:
         print_mean(cross_encoder_runs)
-    print_cost(hybrid, sets[PLAIN][0], costs)
+    print_cost(hybrid, sets[PLAIN][0], costs, asked)
     if client is not None:
         client.close()
     return 0
