@@ -295,9 +295,9 @@ def ask_teacher(cfg, args, chunks, asked, assembly, staging: Path, stats, loaded
     cache_path = cfg["cache_path"] or str(staging.parent / "llm_cache.sqlite")
     # The record writer first, while this process has no event loop, socket, thread or open database for it to
     # inherit.
-    writer = RecordWriter(chunks, assembly, cfg["seed"], staging / STREAM, staging)
-    client = None
+    writer = client = None
     try:
+        writer = RecordWriter(chunks, assembly, cfg["seed"], staging / STREAM, staging)
         client = client_from_config(cfg, args, args.url or [DEFAULT_URL], cfg["model"], cache_path)
         connect(client, args)
         client.identify_model()
@@ -305,13 +305,15 @@ def ask_teacher(cfg, args, chunks, asked, assembly, staging: Path, stats, loaded
               f"questions on {len(asked)} of {len(chunks)} chunks from {len(loaded.documents)} documents", flush=True)
         return client, generate(client, cfg, chunks, asked, writer, stats)
     except KeyboardInterrupt:
-        writer.abandon()
+        if writer:
+            writer.abandon()
         shutil.rmtree(staging, ignore_errors=True)
         print(f"\ninterrupted: finished replies are kept in {client.cache.path if client else cache_path} and the "
               "previous outputs are unchanged; run the same command again to resume", file=sys.stderr)
         return None
     except BaseException:
-        writer.abandon()
+        if writer:
+            writer.abandon()
         shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:

@@ -47,6 +47,8 @@ def write_records(chunks, settings, seed, stream: Path, folder: Path, windows, r
     """The record writer process: assemble the QAs of each window into records and write them (raft.jsonl's
     lines and the Hugging Face dataset; the records of a question the quality stage dropped to filtered_out.jsonl);
     returns the counts, or the reason it failed, through `results`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)              # raft.py stops it (abandon); forked with Ctrl-C blocked
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:
         import datasets  # noqa: F401 -- 0.7 s, needed to finish the dataset folder: taken while the teacher works
         assembler = Assembler(chunks, settings, seed)
@@ -106,13 +108,14 @@ class RecordWriter:
         self.windows, self.results = context.Queue(maxsize=1), context.Queue()
         self.process = context.Process(target=write_records, name="raft-record-writer", daemon=True,
                                        args=(chunks, settings, seed, stream, folder, self.windows, self.results))
-        # Ctrl-C reaches every process of the terminal's group: the writer ignores it (inherited) and is stopped
-        # by this process instead.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Ctrl-C reaches every process of the terminal's group: the writer ignores it and is stopped by this
+        # process instead. Blocked, not ignored, while forking: a Ctrl-C that comes meanwhile waits and is raised
+        # here once the writer runs, instead of being lost (the run went on to the end).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             self.process.start()
         finally:
-            signal.signal(signal.SIGINT, previous)
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def add(self, qas: list[QA]):
         """Hand over a window's QAs; waits while the writer is still busy with the previous window, and raises its
