@@ -1,6 +1,7 @@
 import json
 import random
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -15,6 +16,13 @@ LLAMA_SERVER = ROOT / ".venv-teacher" / "llama.cpp-build" / "bin" / "llama-serve
 sys.path.insert(0, str(ROOT))
 
 from tests.fake_server import FakeOpenAI  # noqa: E402
+
+
+def free_port() -> int:
+    """A port nothing listens on now (the OS picks it), for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -13,19 +13,13 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 from tests.fake_server import FakeOpenAI, Reply
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ANSWER = "vLLM listens on port 8000 by default and serves the chat completions API there"
 COT = f"The guide says ##begin_quote## The server listens on port 8000 by default ##end_quote##.\n<ANSWER>: {ANSWER}"
 REFUSAL = "Sorry, I don't know the answer to this question because related documents are not found. Please try again."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scripted(body, n, answer=Reply(content=COT, piece_delay=0.08)):

@@ -8,14 +8,8 @@ import subprocess
 
 import pytest
 
-from tests.conftest import LLAMA_SERVER, ROOT
+from tests.conftest import LLAMA_SERVER, ROOT, free_port
 from tests.test_raft_cli import check_record
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_open(port: int) -> bool:

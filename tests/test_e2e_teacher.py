@@ -5,14 +5,13 @@ A 135M model writes loose output, so this checks the format of whatever it produ
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from tests.conftest import LLAMA_SERVER, ROOT
+from tests.conftest import LLAMA_SERVER, ROOT, free_port
 from tests.test_raft_cli import check_record
 
 TEACHER = ROOT / "scripts" / "teacher.sh"
@@ -22,9 +21,7 @@ TEACHER = ROOT / "scripts" / "teacher.sh"
 def teacher_url():
     if not LLAMA_SERVER.exists():
         pytest.fail("the llama.cpp teacher is not set up: run `make setup` (scripts/teacher.sh setup) first")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "TEACHER_PORT": str(port)}
     started = subprocess.run([str(TEACHER), "start"], env=env, capture_output=True, text=True)
     assert started.returncode == 0, started.stderr

@@ -5,7 +5,6 @@ import json
 import multiprocessing.context
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import yaml
 import raft
 import raft_eval
 from reply_cache import ResponseCache, cache_key
-from tests.conftest import ROOT, write_corpus
+from tests.conftest import ROOT, free_port, write_corpus
 from tests.fake_server import FakeOpenAI, Reply
 from tests.test_raft_eval import GOLD
 
@@ -242,12 +241,6 @@ def fingerprint_of(output: Path) -> str:
 
 
 # ---- replicas ---------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def server_process(persona: str = "vllm", delay: float = 0.0):
     """The scripted server as a process of its own, to be killed for real: (url, process)."""

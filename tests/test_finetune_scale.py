@@ -3,7 +3,6 @@ packed rows under flash attention, checkpoint rotation, resuming on another numb
 "nodes" on 127.0.0.1, and a user error that must reach the terminal under torchrun."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import torch
 from finetune import checkpoints
 from finetune.finetuning import Shape, epoch_order, forward_loss_sum, step_micro_batches, steps_left, to_batch
 from finetune.raft_dataset import collate, encode, join_rows, load_records, pack, split_by_question
-from tests.conftest import GGUF, ROOT, save_random_llama
+from tests.conftest import GGUF, ROOT, free_port, save_random_llama
 from tests.test_finetune import FINETUNE, common, failure, torchrun, write_records
 
 
@@ -23,12 +22,6 @@ def metrics_of(root, folder="fine-tuned"):
 
 def losses(metrics):
     return [m["train_loss"] for m in metrics["steps"]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- train and eval modes ---------------------------------------------------------------------------------------
