@@ -5,7 +5,7 @@
 #                   (RAFT_ARGS="-t 2 --max_chunks 10" for a quick look)
 #   make demo       the whole recipe on this CPU: data, fine-tune, convert, serve, evaluate, report (6 to 15 min
 #                   after setup by CPU: docs/demo.md; DEMO_ARGS=--quick: about 4)
-#   make test       the test suite (what CI runs); installs Debian's chromium for the browser test if missing
+#   make test       the test suite (what CI runs): setup, and Debian's chromium for the browser test if missing
 #   make bench      the benchmarks: retrieval, fine-tuning (CPU), generation
 #   make embeddings the retriever's embedding model tuned on data/ itself (no LLM; 6-15 min on 2 cores), into
 #                   models/minilm-docs: set embedding_model to it in raft_eval_config.yaml
@@ -19,7 +19,7 @@ RAFT_ARGS ?= -t 4
 DEMO_ARGS ?=
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup teacher generate demo test bench embeddings reranker raft-effect
+.PHONY: setup teacher chromium generate demo test bench embeddings reranker raft-effect
 
 # The two environments do not depend on each other: made side by side, the toolkit's pip installs (mostly waiting
 # on the disk and the network) overlap llama.cpp's compile instead of adding to it.
@@ -45,9 +45,13 @@ generate: setup
 demo: setup
 	scripts/demo.sh $(DEMO_ARGS)
 
-test: setup
+# Chromium's apt install (network and disk) too runs beside llama.cpp's compile; --durations: where the time went.
+test:
+	$(MAKE) --no-print-directory -j3 --output-sync=line .venv/done teacher chromium
+	$(PY) -m pytest -q tests --durations=20
+
+chromium:
 	scripts/install_chromium.sh
-	$(PY) -m pytest -q tests
 
 bench: setup
 	$(PY) bench/retrieval.py
