@@ -9,8 +9,8 @@
 #   make bench      the benchmarks: retrieval, fine-tuning (CPU), generation
 #   make embeddings the retriever's embedding model tuned on data/ itself (no LLM; 6-15 min on 2 cores), into
 #                   models/minilm-docs: set embedding_model to it in raft_eval_config.yaml
-#   make reranker   a cross-encoder reranker trained on data/ itself (no LLM), into models/minilm-reranker: set
-#                   reranker to it in raft_eval_config.yaml
+#   make reranker   a cross-encoder reranker trained on data/ itself (no LLM), into models/minilm-reranker; set
+#                   reranker to it only if bench/rerank.py says it wins (on data/ it did not: docs/retrieval.md)
 #   make raft-effect  does RAFT beat fine-tuning without distractors and the base model? The paper's ablation on
 #                   data/ with SmolLM2 (bench/raft_effect.py; docs/raft_effect.md), into output/raft_effect
 PY := .venv/bin/python
