@@ -133,7 +133,15 @@ def test_a_failed_or_stopped_run_leaves_the_previous_outputs_as_they_were(tmp_pa
         assert outputs(out)["raft.jsonl"] != before["raft.jsonl"]     # a finished run does replace them
 
 
-def test_a_ctrl_c_while_the_record_writer_starts_is_not_lost(tmp_path, corpus, monkeypatch):
+@pytest.fixture
+def ctrl_c_as_in_a_terminal():
+    """Python's own SIGINT handler (KeyboardInterrupt): a suite started in the background inherits SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_ctrl_c_while_the_record_writer_starts_is_not_lost(tmp_path, corpus, monkeypatch, ctrl_c_as_in_a_terminal):
     # The writer is forked with Ctrl-C held back; a Ctrl-C in that moment once went unseen and the run went on.
     fork = multiprocessing.context.ForkProcess.start
 
