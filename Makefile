@@ -23,8 +23,9 @@ export HF_HUB_OFFLINE := 1
 
 # The two environments do not depend on each other: made side by side, the toolkit's pip installs (mostly waiting
 # on the disk and the network) overlap llama.cpp's compile instead of adding to it.
+SETUP_PARTS := .venv/done teacher
 setup:
-	$(MAKE) --no-print-directory -j2 --output-sync=line .venv/done teacher
+	$(MAKE) --no-print-directory -j2 --output-sync=line $(SETUP_PARTS)
 
 teacher:
 	scripts/teacher.sh setup
@@ -47,7 +48,7 @@ demo: setup
 
 # Chromium's apt install (network and disk) too runs beside llama.cpp's compile; --durations: where the time went.
 test:
-	$(MAKE) --no-print-directory -j3 --output-sync=line .venv/done teacher chromium
+	$(MAKE) --no-print-directory -j3 --output-sync=line $(SETUP_PARTS) chromium
 	$(PY) -m pytest -q tests --durations=20
 
 chromium:

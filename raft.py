@@ -304,18 +304,15 @@ def ask_teacher(cfg, args, chunks, asked, assembly, staging: Path, stats, loaded
         print(f"teacher {client.model} at {', '.join(public_host(u) for u in client.urls)}; "
               f"questions on {len(asked)} of {len(chunks)} chunks from {len(loaded.documents)} documents", flush=True)
         return client, generate(client, cfg, chunks, asked, writer, stats)
-    except KeyboardInterrupt:
+    except BaseException as stopped:
         if writer:
             writer.abandon()
         shutil.rmtree(staging, ignore_errors=True)
+        if not isinstance(stopped, KeyboardInterrupt):
+            raise
         print(f"\ninterrupted: finished replies are kept in {client.cache.path if client else cache_path} and the "
               "previous outputs are unchanged; run the same command again to resume", file=sys.stderr)
         return None
-    except BaseException:
-        if writer:
-            writer.abandon()
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     finally:
         if client:
             client.close()
